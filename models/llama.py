@@ -1,0 +1,236 @@
+"""Llama-family decoder: RMSNorm, RoPE (with Llama-3 frequency scaling), grouped-query attention, SwiGLU MLP.
+
+Shape legend: B batch, S sequence, E model dim, H query heads, K key/value heads, D head dim, F MLP hidden, V vocab.
+
+The model holds no collective and no parallel logic: `parallel/` applies plans to it from outside. Build it on
+the meta device, apply the plans, `to_empty`, then `init_weights`. Hot ops go through `models.ops.Ops`.
+Parameter names follow the Hugging Face Llama layout where it costs nothing (q/k/v/o_proj, gate/up/down_proj),
+which keeps the HF state-dict adapter a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from treadle.models.init import fill_
+from treadle.models.ops import IGNORE_INDEX, KernelsConfig, Ops, build_ops
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """Llama-3.1 RoPE frequency scaling: long wavelengths stretched by `factor`, short ones kept, smooth between."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "llama"
+    dim: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    vocab_size: int = 128256
+    # MLP hidden size; when null it follows Llama's rule from dim, ffn_dim_multiplier and multiple_of.
+    ffn_dim: int | None = None
+    ffn_dim_multiplier: float | None = None
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScalingConfig | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def validate(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dim model.dim/model.num_heads={self.head_dim} must be even for RoPE")
+
+
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies [D/2], with Llama-3.1 scaling (wavelength-banded) when `cfg.rope_scaling` is set."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64, device=device) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_mid, blended, scaled).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rmsnorm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.ops = ops
+
+    def forward(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x_BSE.shape
+        # -1 rather than the configured head count: under tensor parallelism each rank holds a slice of heads.
+        q_BSHD = self.q_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
+        k_BSKD = self.k_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
+        v_BSKD = self.v_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
+        q_BSHD, k_BSKD = self.ops.rope(q_BSHD, k_BSKD, cos_BSD, sin_BSD)
+        out_BSHD = self.ops.attention(q_BSHD, k_BSKD, v_BSKD, causal=True, doc_ids_BS=doc_ids_BS)
+        return self.o_proj(out_BSHD.reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.ops = ops
+
+    def forward(self, x_BSE: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x_BSE), self.up_proj(x_BSE)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.self_attn = Attention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.mlp = FeedForward(cfg, ops)
+
+    def forward(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+    ) -> torch.Tensor:
+        h_BSE = x_BSE + self.self_attn(self.input_layernorm(x_BSE), cos_BSD, sin_BSD, doc_ids_BS)
+        return h_BSE + self.mlp(self.post_attention_layernorm(h_BSE))
+
+
+class Llama(nn.Module):
+    """Decoder-only transformer. `forward(tokens, labels=...)` returns (summed loss, token count)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.ops = build_ops(cfg.kernels)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed by layer index keeps parameter names stable when plans wrap or replace blocks.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, self.ops) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter (see `models.init`) and recompute the RoPE buffer on the current device.
+
+        Projections that write into the residual stream (o_proj, down_proj) get std scaled by
+        1/sqrt(2·num_layers) (GPT-2 §2.3) so that the residual variance does not grow with depth.
+        """
+        self.inv_freq.copy_(rope_frequencies(self.cfg, device=self.inv_freq.device))
+        std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                fill_(param, name, seed, std=None)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                fill_(param, name, seed, std=depth_std)
+            else:
+                fill_(param, name, seed, std=std)
+
+    def rope_tables(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BSd = positions_BS[..., None].float() * self.inv_freq
+        angles_BSD = torch.cat((angles_BSd, angles_BSd), dim=-1)
+        return angles_BSD.cos(), angles_BSD.sin()
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        *,
+        labels_BS: torch.Tensor | None = None,
+        positions_BS: torch.Tensor | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, S, V] without labels; with labels, (summed loss, number of counted tokens)."""
+        if positions_BS is None:
+            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
+        h_BSE = self.embed_tokens(tokens_BS)
+        cos_BSD, sin_BSD = self.rope_tables(positions_BS)
+        cos_BSD, sin_BSD = cos_BSD.to(h_BSE.dtype), sin_BSD.to(h_BSE.dtype)
+        for block in self.layers.values():
+            h_BSE = block(h_BSE, cos_BSD, sin_BSD, doc_ids_BS)
+        h_BSE = self.norm(h_BSE)
+        if labels_BS is None:
+            return h_BSE @ self.output_weight.t()
+        return self.ops.loss(h_BSE.flatten(0, 1), self.output_weight, labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            total -= self.embed_tokens.weight.numel()
+        return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matmuls with the non-embedding parameters (the output layer
+    included), plus 6·L·S·E for causal attention scores and values (12·L·S·E halved by the causal mask),
+    as in the PaLM paper's appendix B accounting."""
+    per_layer = (
+        cfg.dim * cfg.head_dim * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)  # q, o and k, v projections
+        + 3 * cfg.dim * cfg.hidden_dim
+    )
+    dense = cfg.num_layers * per_layer + cfg.dim * cfg.vocab_size
+    attention = 6 * cfg.num_layers * seq_len * cfg.dim
+    return 6 * dense + attention

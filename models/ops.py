@@ -1,0 +1,172 @@
+"""The op table: the few hot operations a model calls through one indirection so that kernels swap by config.
+
+Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim, N tokens (B*S), V vocab, E model dim.
+
+A model asks for `Ops` once (from `KernelsConfig`) and calls `ops.attention(...)`, `ops.rmsnorm(...)`, and so on.
+The plain-PyTorch implementations here are the references the Triton kernels in `kernels/` are tested against;
+`register_op` lets another module add an implementation under a new name that `configs/kernels/` can select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(kw_only=True)
+class KernelsConfig:
+    """Which implementation each op uses; names are keys of the op registry (`available_ops()`)."""
+
+    attention: str = "sdpa"
+    rmsnorm: str = "torch"
+    rope: str = "torch"
+    swiglu: str = "torch"
+    loss: str = "torch"
+
+
+@dataclass(frozen=True)
+class Ops:
+    attention: Callable[..., torch.Tensor]
+    rmsnorm: Callable[..., torch.Tensor]
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    swiglu: Callable[..., torch.Tensor]
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, S, S] mask: query i sees key j iff j <= i and both lie in the same packed document."""
+    seq_len = doc_ids_BS.shape[1]
+    causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_ids_BS.device).tril()
+    same_doc_BSS = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
+    return (same_doc_BSS & causal_SS)[:, None]
+
+
+def attention_sdpa(
+    q_BSHD: torch.Tensor,
+    k_BSKD: torch.Tensor,
+    v_BSKD: torch.Tensor,
+    *,
+    causal: bool = True,
+    doc_ids_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention through `F.scaled_dot_product_attention` (flash/cuDNN/efficient/math).
+
+    With `doc_ids_BS` a document mask keeps packed documents from attending to each other; SDPA then runs
+    its masked (efficient or math) path, which is slower than the causal flash path.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSKD, v_BSKD))
+    gqa = q.shape[1] != k.shape[1]
+    if doc_ids_BS is None:
+        out_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    else:
+        mask = document_causal_mask(doc_ids_BS)
+        if not causal:
+            mask = doc_ids_BS[:, None, :, None] == doc_ids_BS[:, None, None, :]
+        out_BHSD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out_BHSD.transpose(1, 2)
+
+
+def attention_eager(
+    q_BSHD: torch.Tensor,
+    k_BSKD: torch.Tensor,
+    v_BSKD: torch.Tensor,
+    *,
+    causal: bool = True,
+    doc_ids_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention written out (softmax(QK^T/sqrt(D)) V) in fp32: the reference every attention kernel matches."""
+    num_heads, num_kv_heads, seq_len = q_BSHD.shape[2], k_BSKD.shape[2], q_BSHD.shape[1]
+    k_BSHD = k_BSKD.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    v_BSHD = v_BSKD.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    scores_BHSS = torch.einsum("bqhd,bkhd->bhqk", q_BSHD.float(), k_BSHD.float()) / q_BSHD.shape[-1] ** 0.5
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q_BSHD.device)
+    allowed = allowed.tril() if causal else allowed
+    if doc_ids_BS is not None:
+        allowed = allowed & (doc_ids_BS[:, None, :, None] == doc_ids_BS[:, None, None, :])
+    scores_BHSS = scores_BHSS.masked_fill(~allowed, float("-inf"))
+    out_BSHD = torch.einsum("bhqk,bkhd->bqhd", scores_BHSS.softmax(dim=-1), v_BSHD.float())
+    return out_BSHD.to(q_BSHD.dtype)
+
+
+def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) computed in fp32 and cast back, as Llama does."""
+    x_fp32 = x.float()
+    normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
+
+
+def rope_torch(
+    q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in the rotate-half layout (the Hugging Face Llama convention, so HF weights load as is).
+
+    `cos_BSD`/`sin_BSD` hold the per-position angles for the full head dim (each frequency twice).
+    """
+    cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+    return rotate(q_BSHD), rotate(k_BSKD)
+
+
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating (Shazeer 2020): silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def linear_cross_entropy_torch(
+    hidden_ND: torch.Tensor,
+    weight_VE: torch.Tensor,
+    labels_N: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output projection then cross-entropy, materialising the [N, V] logits (fp32 for the softmax).
+
+    Returns the summed loss and the number of counted tokens, so that the trainer can normalise by the token
+    count of the whole global batch: that keeps every data-parallel layout and accumulation split equal.
+    """
+    logits_NV = (hidden_ND @ weight_VE.t()).float()
+    loss_sum = F.cross_entropy(logits_NV, labels_N, ignore_index=ignore_index, reduction="sum")
+    return loss_sum, (labels_N != ignore_index).sum()
+
+
+_REGISTRY: dict[str, dict[str, Callable]] = {
+    "attention": {"sdpa": attention_sdpa, "eager": attention_eager},
+    "rmsnorm": {"torch": rmsnorm_torch},
+    "rope": {"torch": rope_torch},
+    "swiglu": {"torch": swiglu_torch},
+    "loss": {"torch": linear_cross_entropy_torch},
+}
+
+
+def register_op(op: str, name: str, fn: Callable) -> None:
+    """Make `fn` selectable as `kernels.<op>=<name>`."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; ops are {sorted(_REGISTRY)}")
+    _REGISTRY[op][name] = fn
+
+
+def available_ops() -> dict[str, list[str]]:
+    return {op: sorted(impls) for op, impls in _REGISTRY.items()}
+
+
+def build_ops(cfg: KernelsConfig) -> Ops:
+    chosen = {}
+    for f in fields(KernelsConfig):
+        name = getattr(cfg, f.name)
+        if name not in _REGISTRY[f.name]:
+            raise ValueError(
+                f"kernels.{f.name}={name!r} is not an implementation of {f.name}; "
+                f"choose one of {sorted(_REGISTRY[f.name])}"
+            )
+        chosen[f.name] = _REGISTRY[f.name][name]
+    return Ops(**chosen)
