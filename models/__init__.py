@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from treadle.models import llama
+from treadle.models.ops import KernelsConfig
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    build: Callable[[llama.ModelConfig], nn.Module]
+    build: Callable[[llama.ModelConfig, KernelsConfig], nn.Module]
     flops_per_token: Callable[[llama.ModelConfig, int], float]
 
 

@@ -45,7 +45,12 @@ def fill_(param: torch.Tensor, name: str, seed: int, *, std: float | None, trunc
         return
     full = torch.empty(param.shape, dtype=torch.float32, device=local.device)
     torch.nn.init.trunc_normal_(
-        full, mean=0.0, std=std, a=-truncate * std, b=truncate * std, generator=_stream(seed, name, local.device)
+        full,
+        mean=0.0,
+        std=std,
+        a=-truncate * std,
+        b=truncate * std,
+        generator=_stream(seed, name, local.device),
     )
     if is_dtensor:
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()

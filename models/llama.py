@@ -11,7 +11,7 @@ which keeps the HF state-dict adapter a renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,6 @@ class ModelConfig:
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     init_std: float = 0.02
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +114,11 @@ class Attention(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x_BSE.shape
         # -1 rather than the configured head count: under tensor parallelism each rank holds a slice of heads.
@@ -148,7 +151,11 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg, ops)
 
     def forward(
-        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None,
     ) -> torch.Tensor:
         h_BSE = x_BSE + self.self_attn(self.input_layernorm(x_BSE), cos_BSD, sin_BSD, doc_ids_BS)
         return h_BSE + self.mlp(self.post_attention_layernorm(h_BSE))
@@ -157,11 +164,11 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """Decoder-only transformer. `forward(tokens, labels=...)` returns (summed loss, token count)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.ops = build_ops(cfg.kernels)
+        self.ops = build_ops(kernels or KernelsConfig())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed by layer index keeps parameter names stable when plans wrap or replace blocks.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, self.ops) for i in range(cfg.num_layers)})
@@ -214,7 +221,9 @@ class Llama(nn.Module):
         h_BSE = self.norm(h_BSE)
         if labels_BS is None:
             return h_BSE @ self.output_weight.t()
-        return self.ops.loss(h_BSE.flatten(0, 1), self.output_weight, labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+        return self.ops.loss(
+            h_BSE.flatten(0, 1), self.output_weight, labels_BS.flatten(), ignore_index=IGNORE_INDEX
+        )
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,33 @@
+"""The one entry point: `python launch/train.py +config=debug/tiny` or `torchrun ... launch/train.py ...`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
+from treadle.train.config import CONFIG_DIR, TrainConfig, register_configs, validate
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(raw)
+        dims = validate(cfg, world_size_from_env())
+    except (ValueError, OmegaConfBaseException) as err:
+        sys.exit(f"config error: {err}")
+    device = select_device(cfg.run.device)
+    with process_group(device, cfg.parallel.backend):
+        trainer = build_trainer(cfg, dims, device)
+        if trainer.dims.mesh.get_rank() == 0:
+            print(OmegaConf.to_yaml(raw, resolve=True), flush=True)
+        trainer.fit()
+
+
+if __name__ == "__main__":
+    main()

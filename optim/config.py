@@ -1,0 +1,29 @@
+"""Optimizer and learning-rate schedule configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | linear | wsd
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of optim.lr
+    # wsd (warmup-stable-decay, MiniCPM §4): fraction of the run spent in the final decay.
+    decay_fraction: float = 0.2
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # auto: fused on CUDA, foreach elsewhere; or fused | foreach | for_loop
+    implementation: str = "auto"
+    clip_grad_norm: float = 1.0  # max global L2 norm; <= 0 disables clipping (the norm is still logged)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

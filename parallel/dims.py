@@ -1,0 +1,114 @@
+"""`ParallelDims`: the one topology object. It checks the degrees and owns every `DeviceMesh` of a run.
+
+The world is laid out as `dp_replicate × dp_shard × cp × tp` (outermost to innermost, so that TP, the most
+communication-heavy axis, gets the closest ranks). Derived meshes are flattened views of it:
+
+- `dp`          = dp_replicate × dp_shard      ranks that see different data
+- `dp_shard_cp` = dp_shard × cp                ranks that FSDP shards parameters over (CP ranks hold the
+                                                same parameters, so they join the shard group)
+- `dp_cp`       = dp_replicate × dp_shard × cp  ranks over which the loss and token counts are reduced
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    engine: str = "native"  # native | deepspeed | megatron
+    dp_replicate: int = 1  # HSDP replicas (each replica is an FSDP group)
+    dp_shard: int = -1  # FSDP shard degree; -1 = whatever the other degrees leave of the world
+    cp: int = 1
+    tp: int = 1
+    # true: ZeRO-3 (parameters resharded after forward); false: ZeRO-2 (kept unsharded until backward ends).
+    reshard_after_forward: bool = True
+    param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
+    compile: bool = False  # torch.compile each transformer block
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    fsdp_prefetch_forward: int = 1  # blocks all-gathered ahead in forward (FSDP2 explicit prefetch)
+    fsdp_prefetch_backward: int = 1  # blocks all-gathered ahead in backward
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    world_size: int
+    _mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        return cls(
+            dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, cp=cfg.cp, tp=cfg.tp, world_size=world_size
+        )
+
+    def __post_init__(self) -> None:
+        for axis in ("dp_replicate", "cp", "tp"):
+            if getattr(self, axis) < 1:
+                raise ValueError(f"parallel.{axis}={getattr(self, axis)} must be >= 1")
+        others = self.dp_replicate * self.cp * self.tp
+        if self.dp_shard == -1:
+            if self.world_size % others:
+                raise ValueError(
+                    f"world size {self.world_size} is not divisible by parallel.dp_replicate × cp × tp = "
+                    f"{self.dp_replicate}×{self.cp}×{self.tp} = {others}; fix: choose degrees whose product "
+                    f"divides the number of processes"
+                )
+            self.dp_shard = self.world_size // others
+        if self.dp_shard < 1:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard} must be >= 1 or -1 (infer)")
+        product = others * self.dp_shard
+        if product != self.world_size:
+            raise ValueError(
+                f"parallel.dp_replicate × dp_shard × cp × tp = {self.dp_replicate}×{self.dp_shard}×{self.cp}×"
+                f"{self.tp} = {product} but the world size is {self.world_size}; fix: make the product equal "
+                f"the number of processes (or set parallel.dp_shard=-1 to infer it)"
+            )
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel degree: how many different micro-batches one step sees side by side."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_size(self) -> int:
+        return self.dp_shard * self.cp
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Create the world mesh and its flattened views (collective: every rank must call it)."""
+        shape = tuple(getattr(self, axis) for axis in AXES)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        self._mesh = mesh
+        return mesh
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        assert self._mesh is not None, "build_mesh() has not been called"
+        return self._mesh
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """1-D (dp_shard_cp) for FSDP, 2-D (dp_replicate, dp_shard_cp) for HSDP."""
+        if self.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self.mesh["dp_shard_cp"]
+
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,110 @@
+"""Engines own sharding, backward and the optimizer step; every engine serves the same `Trainer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
+from treadle.optim.builder import build_optimizer
+from treadle.optim.clip import clip_grad_norm_
+from treadle.optim.config import OptimConfig
+from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.fsdp import apply_compile, apply_fsdp
+
+
+@dataclass
+class StepStats:
+    grad_norm: float
+    skipped: bool
+
+
+class Engine(Protocol):
+    def prepare(
+        self, model: nn.Module, optim_cfg: OptimConfig
+    ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> StepStats: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class NativeEngine:
+    """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor; plans applied in the fixed order of STYLE.md §3."""
+
+    def __init__(
+        self,
+        dims: ParallelDims,
+        cfg: ParallelConfig,
+        memory_cfg: MemoryConfig,
+        device: torch.device,
+        seed: int,
+    ):
+        self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
+        self.device, self.seed = device, seed
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.clip_grad_norm = 0.0
+
+    def prepare(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Apply plans to a meta-device model, materialise it on `device`, and build its optimizer."""
+        apply_activation_checkpointing(model.layers, self.memory_cfg)
+        if self.cfg.compile:
+            apply_compile(model)
+        apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device)
+        model.to_empty(device=self.device)
+        model.init_weights(self.seed)
+        self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
+        self.optimizer = build_optimizer(model, optim_cfg, self.device)
+        return model, self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> StepStats:
+        """Clip to the global norm, then step, unless the norm is not finite: then skip the update.
+
+        Every rank sees the same all-reduced norm, so every rank takes the same decision.
+        """
+        assert self.model is not None and self.optimizer is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_grad_norm_(params, self.clip_grad_norm).item()
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=grad_norm, skipped=skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+            options=StateDictOptions(strict=True),
+        )
+
+
+def build_engine(
+    dims: ParallelDims, cfg: ParallelConfig, memory_cfg: MemoryConfig, device: torch.device, seed: int
+) -> Engine:
+    if cfg.engine == "native":
+        return NativeEngine(dims, cfg, memory_cfg, device, seed)
+    raise ValueError(
+        f"parallel.engine={cfg.engine!r} is not available in this build; use parallel.engine=native "
+        f"(the deepspeed and megatron engines are separate work items)"
+    )

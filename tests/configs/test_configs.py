@@ -1,0 +1,128 @@
+"""Every recipe composes and builds on the meta device; bad input fails at start with the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from treadle.models import get_model_spec
+from treadle.train.config import CONFIG_DIR, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted(
+    str(p.relative_to(CONFIG_DIR / "config").with_suffix("")) for p in (CONFIG_DIR / "config").rglob("*.yaml")
+)
+
+
+def test_the_required_recipes_exist():
+    assert {"debug/tiny", "pretrain/llama3_1b", "pretrain/llama3_8b"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_validates_and_builds_on_meta(recipe):
+    cfg = load_config([f"+config={recipe}"])
+    world = cfg.parallel.dp_replicate * max(cfg.parallel.dp_shard, 1) * cfg.parallel.cp * cfg.parallel.tp
+    validate(cfg, world_size=world * 8 if recipe.startswith("pretrain") else world)
+    spec = get_model_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = spec.build(cfg.model, cfg.kernels)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert spec.flops_per_token(cfg.model, cfg.data.seq_len) > 0
+
+
+def test_recipe_parameter_counts_match_the_llama_family():
+    expected = {"pretrain/llama3_1b": 1.236e9, "pretrain/llama3_8b": 8.03e9, "pretrain/llama3_70b": 70.55e9}
+    for recipe, count in expected.items():
+        cfg = load_config([f"+config={recipe}"])
+        with torch.device("meta"):
+            model = get_model_spec(cfg.model.name).build(cfg.model, cfg.kernels)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=0.01), recipe
+
+
+def test_command_line_overrides_win_over_the_recipe():
+    cfg = load_config(["+config=debug/tiny", "trainer.max_steps=7", "parallel=zero2"])
+    assert cfg.trainer.max_steps == 7 and cfg.parallel.reshard_after_forward is False
+    assert cfg.model.dim == 128
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        load_config(["trainer.max_stepz=3"])
+    assert "max_stepz" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        load_config(["trainer.max_steps=many"])
+    assert "trainer.max_steps" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_key_in_a_recipe_file_is_refused(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "bad.yaml").write_text("# @package _global_\nmodel:\n  dimm: 3\n")
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        load_config([f"hydra.searchpath=[file://{tmp_path}]", "+config=bad"])
+    message = str(err.value) + str(err.value.__cause__)
+    assert "dimm" in message and "model" in message
+
+
+def test_non_dividing_degrees_are_refused_before_start():
+    cfg = load_config(["parallel.dp_shard=3"])
+    with pytest.raises(ValueError, match=r"parallel.dp_replicate × dp_shard × cp × tp .* world size is 4"):
+        validate(cfg, world_size=4)
+
+
+def test_tp_that_does_not_divide_heads_is_refused():
+    cfg = load_config(["parallel.tp=3"])
+    with pytest.raises(ValueError, match="parallel.tp=3 must divide model.num_heads=4"):
+        validate(cfg, world_size=3)
+
+
+def test_indivisible_batch_is_refused():
+    cfg = load_config(["trainer.micro_batch_size=3", "trainer.global_batch_size=16"])
+    with pytest.raises(ValueError, match="trainer.global_batch_size=16 must be a positive multiple of"):
+        validate(cfg, world_size=2)
+
+
+def test_sequence_longer_than_the_model_is_refused():
+    cfg = load_config(["data.seq_len=1024"])
+    with pytest.raises(ValueError, match="data.seq_len=1024 exceeds model.max_seq_len=512"):
+        validate(cfg, world_size=1)
+
+
+def test_unknown_kernel_is_refused():
+    cfg = load_config(["kernels.attention=flash9"])
+    with pytest.raises(ValueError, match="kernels.attention='flash9'"):
+        validate(cfg, world_size=1)
+
+
+def _launch(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), f"run.dir={tmp_path}/run", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+
+def test_launcher_reports_config_errors_without_a_traceback(tmp_path):
+    result = _launch("trainer.global_batch_size=12", "trainer.micro_batch_size=8", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "config error: trainer.global_batch_size=12" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _launch("trainer.max_stepz=3", tmp_path=tmp_path)
+    assert result.returncode != 0 and "max_stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_launcher_reports_a_missing_data_path(tmp_path):
+    result = _launch("data=tokens", f"data.path={tmp_path}/nope.bin", "data.seq_len=256", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "config error: data.path=" in result.stderr and "nope.bin does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _launch("data=tokens", "data.seq_len=256", tmp_path=tmp_path)
+    assert result.returncode != 0 and "data.path" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,158 @@
+"""The typed config tree: one dataclass per component, registered in Hydra's ConfigStore as the schema that
+every YAML file under `configs/` is merged into. A typo or a wrong type fails while Hydra composes, naming the
+key; `validate` then checks the rules that span components, before any process group exists."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from treadle.memory.checkpointing import MemoryConfig
+from treadle.models.llama import ModelConfig
+from treadle.models.ops import KernelsConfig, build_ops
+from treadle.optim.config import SCHEDULES, OptimConfig
+from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.train.checkpoint import CheckpointConfig
+from treadle.train.data import DataConfig, validate_data_config
+from treadle.train.loggers import LoggingConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+NAN_POLICIES = ("skip", "abort")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    eval_every: int = 0  # 0 = evaluate only at the end
+    eval_batches: int = 8  # micro-batches of the held-out split per evaluation (per data-parallel rank)
+    nan_policy: str = "skip"  # skip: drop the update of a step whose gradients are not finite; abort: stop
+    max_consecutive_skips: int = 5  # abort after this many skipped steps in a row
+
+    def grad_accum(self, dp_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="treadle_schema", node=TrainConfig)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
+    """Check every rule that spans components; returns the validated topology. Raises ValueError naming the
+    keys and the fix. Runs on every rank before any process group is created."""
+    cfg.model.validate()
+    cfg.memory.validate()
+    build_ops(cfg.kernels)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    model, trainer = cfg.model, cfg.trainer
+    _check(
+        model.num_heads % dims.tp == 0 and model.num_kv_heads % dims.tp == 0,
+        f"parallel.tp={dims.tp} must divide model.num_heads={model.num_heads} and model.num_kv_heads="
+        f"{model.num_kv_heads}; fix: pick a tensor-parallel degree that divides both",
+    )
+    _check(
+        model.dim % dims.tp == 0 and model.hidden_dim % dims.tp == 0,
+        f"parallel.tp={dims.tp} must divide model.dim={model.dim} and the MLP hidden size {model.hidden_dim}",
+    )
+    _check(
+        cfg.data.seq_len % (2 * dims.cp) == 0 or dims.cp == 1,
+        f"data.seq_len={cfg.data.seq_len} must be divisible by 2 × parallel.cp = {2 * dims.cp} "
+        f"(load-balanced causal sharding splits each sequence into 2·cp chunks)",
+    )
+    for axis in ("tp", "cp"):
+        _check(
+            getattr(dims, axis) == 1,
+            f"parallel.{axis}={getattr(dims, axis)} is validated but not implemented in this version; "
+            f"fix: set parallel.{axis}=1 and use parallel.dp_shard / parallel.dp_replicate",
+        )
+    _check(
+        cfg.data.seq_len <= model.max_seq_len,
+        f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
+        f"fix: lower data.seq_len or raise model.max_seq_len",
+    )
+    _check(trainer.max_steps >= 1, f"trainer.max_steps={trainer.max_steps} must be >= 1")
+    _check(trainer.micro_batch_size >= 1, f"trainer.micro_batch_size={trainer.micro_batch_size} must be >= 1")
+    per_step = trainer.micro_batch_size * dims.dp_size
+    _check(
+        trainer.global_batch_size % per_step == 0 and trainer.global_batch_size >= per_step,
+        f"trainer.global_batch_size={trainer.global_batch_size} must be a positive multiple of "
+        f"trainer.micro_batch_size × data-parallel size = {trainer.micro_batch_size}×{dims.dp_size} = "
+        f"{per_step} (data-parallel size = parallel.dp_replicate × parallel.dp_shard); fix: set "
+        f"trainer.global_batch_size to a multiple of {per_step} or change trainer.micro_batch_size",
+    )
+    _check(
+        trainer.nan_policy in NAN_POLICIES,
+        f"trainer.nan_policy={trainer.nan_policy!r} is not one of {NAN_POLICIES}",
+    )
+    _check(
+        cfg.optim.schedule.name in SCHEDULES,
+        f"optim.schedule.name={cfg.optim.schedule.name!r} is not one of {SCHEDULES}",
+    )
+    validate_data_config(cfg.data)
+    if cfg.data.source in ("tokens", "hf"):
+        _check(
+            Path(cfg.data.path).expanduser().exists(),
+            f"data.path={cfg.data.path} does not exist; fix: point data.path at the "
+            + (
+                "token .bin file (see launch/prepare_data.py)" if cfg.data.source == "tokens" else "documents"
+            ),
+        )
+    _check(
+        cfg.logging.wandb.mode in WANDB_MODES,
+        f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of {WANDB_MODES}",
+    )
+    _check(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0 = off)")
+    _check(
+        cfg.run.device in ("auto", "cpu", "cuda"), f"run.device={cfg.run.device!r} is not auto, cpu or cuda"
+    )
+    if cfg.optim.schedule.warmup_steps >= trainer.max_steps:
+        warnings.warn(
+            f"optim.schedule.warmup_steps={cfg.optim.schedule.warmup_steps} >= trainer.max_steps="
+            f"{trainer.max_steps}: the run never leaves warmup",
+            stacklevel=2,
+        )
+    return dims
+
+
+def load_config(overrides: list[str] | None = None) -> TrainConfig:
+    """Compose `configs/train.yaml` with Hydra overrides, outside `@hydra.main` (tests, benchmarks, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        raw = compose(config_name="train", overrides=list(overrides or []))
+    return OmegaConf.to_object(raw)

@@ -1,0 +1,198 @@
+"""The training loop: one explicit `train_step` that reads top to bottom.
+
+Loss normalisation: the model returns a summed loss and a token count per micro-batch. Every micro-batch's
+loss is divided by the number of counted tokens in the whole global batch (all micro-batches, all data-parallel
+ranks), so the gradient is that of the global mean loss whatever the split into ranks and accumulation steps.
+FSDP averages gradients over the `dp_cp` ranks, so the local loss is multiplied by that size to cancel it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from treadle.parallel.dims import ParallelDims
+from treadle.parallel.engine import Engine
+from treadle.train.checkpoint import CheckpointManager
+from treadle.train.config import TrainerConfig
+from treadle.train.data import Batch, StepLoader, eval_batches
+from treadle.train.loggers import MetricLogger
+from treadle.train.metrics import Throughput, memory_stats, peak_flops
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    num_tokens: int  # tokens processed in the step over all data-parallel ranks (ignored labels included)
+    skipped: bool
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        *,
+        engine: Engine,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: StepLoader,
+        val_dataset: Any,
+        dims: ParallelDims,
+        device: torch.device,
+        checkpointer: CheckpointManager,
+        metric_logger: MetricLogger,
+        flops_per_token: float,
+    ):
+        self.cfg, self.engine, self.model, self.optimizer = cfg, engine, model, optimizer
+        self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
+        self.dims, self.device = dims, device
+        self.checkpointer, self.metric_logger, self.flops_per_token = (
+            checkpointer,
+            metric_logger,
+            flops_per_token,
+        )
+        self.loss_group = dims.mesh["dp_cp"].get_group()
+        self.step = 0
+        self.consecutive_skips = 0
+
+    # The trainer's own resumable state; DCP calls these through the checkpoint's app state.
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.consecutive_skips = int(state_dict["consecutive_skips"])
+
+    def app_state(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "scheduler": self.scheduler,
+            "data": self.train_loader,
+            "trainer": self,
+        }
+
+    def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.loss_group)
+        return value
+
+    def forward_backward(self, batches: list[Batch]) -> float:
+        """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
+        local_counts = torch.tensor(
+            [int((b.labels != -100).sum()) for b in batches], dtype=torch.float64, device=self.device
+        )
+        global_count = self._all_reduce_sum(local_counts.sum().clone()).clamp(min=1)
+        scale = self.loss_group.size() / global_count
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        for batch in batches:
+            batch = batch.to(self.device)
+            micro_loss, _ = self.model(
+                batch.tokens,
+                labels_BS=batch.labels,
+                positions_BS=batch.positions,
+                doc_ids_BS=batch.doc_ids,
+            )
+            self.engine.backward(micro_loss * scale.to(micro_loss.dtype))
+            loss_sum += micro_loss.detach().double()
+        return (self._all_reduce_sum(loss_sum) / global_count).item()
+
+    def train_step(self) -> StepResult:
+        batches = self.train_loader.next_step()
+        lr = self.scheduler.get_last_lr()[0]
+        loss = self.forward_backward(batches)
+        stats = self.engine.step()
+        self.scheduler.step()
+        num_tokens = sum(b.num_tokens for b in batches) * self.dims.dp_size
+        return StepResult(
+            loss=loss, grad_norm=stats.grad_norm, lr=lr, num_tokens=num_tokens, skipped=stats.skipped
+        )
+
+    def _handle_non_finite(self, result: StepResult) -> None:
+        if not result.skipped:
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        detail = (
+            f"step {self.step}: loss={result.loss} grad_norm={result.grad_norm} is not finite; the update was "
+            f"skipped ({self.consecutive_skips} in a row)"
+        )
+        if self.cfg.nan_policy == "abort" or self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise RuntimeError(
+                f"{detail}; stopping (trainer.nan_policy={self.cfg.nan_policy}, trainer.max_consecutive_skips="
+                f"{self.cfg.max_consecutive_skips}). Fix: lower optim.lr, raise optim.schedule.warmup_steps, "
+                f"check the data, or resume from an earlier checkpoint with checkpoint.resume=<step dir>"
+            )
+        self.metric_logger.message(f"warning: {detail}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in eval_batches(
+            self.val_dataset,
+            micro_batch_size=self.cfg.micro_batch_size,
+            dp_rank=self.dims.dp_rank(),
+            dp_size=self.dims.dp_size,
+            num_batches=self.cfg.eval_batches,
+        ):
+            batch = batch.to(self.device)
+            micro_loss, micro_count = self.model(
+                batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions, doc_ids_BS=batch.doc_ids
+            )
+            loss_sum += micro_loss.double()
+            count += micro_count.double()
+        loss = (self._all_reduce_sum(loss_sum) / self._all_reduce_sum(count).clamp(min=1)).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def fit(self) -> list[float]:
+        """Train from `self.step` to `cfg.max_steps`; returns this call's per-step losses."""
+        losses = []
+        # Tokens are counted globally per step, so the rate needs no further scaling (world_tokens_factor=1).
+        throughput = Throughput(
+            flops_per_token=self.flops_per_token,
+            device=self.device,
+            peak_flops_per_device=peak_flops(self.device),
+            num_devices=self.dims.world_size,
+        )
+        while self.step < self.cfg.max_steps:
+            result = self.train_step()
+            self.step += 1
+            losses.append(result.loss)
+            throughput.update(self.step, result.num_tokens)
+            self._handle_non_finite(result)
+            if self.step % self.metric_logger.cfg.every == 0 or self.step == self.cfg.max_steps:
+                self._log(result, throughput.compute())
+            with throughput.paused():
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    self.metric_logger.log_eval(self.step, self.evaluate())
+                self.checkpointer.maybe_save(self.step, self.app_state())
+        if not self.cfg.eval_every or self.cfg.max_steps % self.cfg.eval_every:
+            self.metric_logger.log_eval(self.step, self.evaluate())
+        self.checkpointer.maybe_save(self.step, self.app_state(), final=True)
+        self.checkpointer.close()
+        self.metric_logger.close()
+        return losses
+
+    def _log(self, result: StepResult, rates: dict[str, float | None]) -> None:
+        self.metric_logger.log(
+            self.step,
+            {
+                "loss": result.loss,
+                "grad_norm": result.grad_norm,
+                "lr": result.lr,
+                "skipped": int(result.skipped),
+                **rates,
+                **memory_stats(self.device),
+            },
+        )
