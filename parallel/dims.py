@@ -44,6 +44,7 @@ class ParallelDims:
     tp: int
     world_size: int
     _mesh: DeviceMesh | None = field(default=None, repr=False)
+    _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -87,9 +88,12 @@ class ParallelDims:
         """Create the world mesh and its flattened views (collective: every rank must call it)."""
         shape = tuple(getattr(self, axis) for axis in AXES)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        # Flattened views are kept here rather than sliced from the root later (torch deprecates that).
+        self._flat = {
+            "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+        }
         self._mesh = mesh
         return mesh
 
@@ -98,14 +102,21 @@ class ParallelDims:
         assert self._mesh is not None, "build_mesh() has not been called"
         return self._mesh
 
+    def flat(self, name: str) -> DeviceMesh:
+        """A flattened view: `dp`, `dp_shard_cp` or `dp_cp` (see the module docstring)."""
+        assert name in self._flat, f"build_mesh() has not been called or {name!r} is unknown"
+        return self._flat[name]
+
     def fsdp_mesh(self) -> DeviceMesh:
         """1-D (dp_shard_cp) for FSDP, 2-D (dp_replicate, dp_shard_cp) for HSDP."""
         if self.dp_replicate > 1:
+            if self.cp == 1:  # dp_shard_cp is dp_shard: slice the root's own axes
+                return self.mesh["dp_replicate", "dp_shard"]
             return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self.mesh["dp_shard_cp"]
+        return self.flat("dp_shard_cp")
 
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
+        return self.flat("dp").get_local_rank()
 
 
 def pick_device() -> torch.device:

@@ -61,7 +61,7 @@ class Trainer:
             metric_logger,
             flops_per_token,
         )
-        self.loss_group = dims.mesh["dp_cp"].get_group()
+        self.loss_group = dims.flat("dp_cp").get_group()
         self.step = 0
         self.consecutive_skips = 0
 
