@@ -58,9 +58,12 @@ def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (`Module.compile` keeps parameter names free of `_orig_mod.`).
+    """Compile each block (fullgraph) before FSDP wraps it, so FSDP's hooks stay outside the compiled graph.
 
-    Per-block compilation reuses one compiled graph for every block, so compile time does not grow with depth.
+    `torch.compile(block)` rather than `block.compile()`: the latter compiles `__call__` with its hooks, and
+    FSDP2's hooks are not traceable. The wrapper adds `_orig_mod.` to parameter names; `models.init` and
+    DCP's state-dict helpers strip it, so checkpoints keep the plain names. Blocks share one compiled graph,
+    so compile time does not grow with depth.
     """
-    for block in model.layers.values():
-        block.compile(fullgraph=True)
+    for name, block in model.layers.named_children():
+        model.layers.register_module(name, torch.compile(block, fullgraph=True))

@@ -1,0 +1,214 @@
+"""Whole training steps on one GPU: treadle's trainer vs Hugging Face transformers' LlamaForCausalLM.
+
+    python benchmarks/step.py --recipe pretrain/llama3_1b --steps 50 --out benchmarks/results/step.jsonl
+
+Both sides train the same Llama shape on the same token batches (micro-batch × seq from treadle's loader,
+one micro-batch per step, no accumulation), with AdamW and global-norm clipping at 1.0, in bf16 compute:
+treadle with FSDP2 mixed precision (fp32 master weights, bf16 compute, fp32 gradient reduce) and its recipe's
+compile setting; transformers with fp32 weights under `torch.autocast(bfloat16)`, SDPA attention and fused
+AdamW — the usual way to train it in plain PyTorch. Time is wall-clock over `--steps` steps after
+`--warmup` steps (compilation, allocator growth), with the GPU synchronised at both ends.
+
+FLOPs per token come from treadle's model (`flops_per_token`: 6·N plus causal attention) and are used for
+both sides, so TFLOP/s and MFU are comparable. One JSON line per (case, metric, peer), as DESIGN.md gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from treadle.models import get_model_spec
+from treadle.train.build import build_trainer, process_group, select_device
+from treadle.train.config import TrainConfig, load_config, validate
+from treadle.train.metrics import peak_flops
+
+
+def _timed(step_fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+    losses = [step_fn() for _ in range(warmup)]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    losses += [step_fn() for _ in range(steps)]
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, losses
+
+
+def run_treadle(cfg: TrainConfig, steps: int, warmup: int) -> dict:
+    device = select_device("cuda")
+    dims = validate(cfg, world_size=1)
+    with process_group(device, "auto"):
+        trainer = build_trainer(cfg, dims, device)
+        torch.cuda.reset_peak_memory_stats()
+        batches = [trainer.train_loader.next_step() for _ in range(4)]
+        trainer.train_loader.load_state_dict({"consumed_samples": 0})
+        seconds, losses = _timed(lambda: trainer.train_step().loss, steps, warmup)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"seconds": seconds, "losses": losses, "peak_gib": peak, "batches": batches}
+
+
+def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    rope_scaling = None
+    if m.rope_scaling is not None:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": m.rope_scaling.factor,
+            "low_freq_factor": m.rope_scaling.low_freq_factor,
+            "high_freq_factor": m.rope_scaling.high_freq_factor,
+            "original_max_position_embeddings": m.rope_scaling.original_max_seq_len,
+        }
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.dim,
+        intermediate_size=m.hidden_dim,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf_cfg).cuda()
+    model.gradient_checkpointing_disable()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True
+    )
+    forward = torch.compile(model) if compile_model else model
+    torch.cuda.reset_peak_memory_stats()
+    state = {"i": 0}
+
+    def step() -> float:
+        (batch,) = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        tokens = batch.tokens.cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    seconds, losses = _timed(step, steps, warmup)
+    return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", default="pretrain/llama3_1b")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--peers", default="hf,hf_compile", help="comma list of hf, hf_compile, or empty")
+    parser.add_argument("--out", type=Path, default=None, help="append JSON lines here as well as stdout")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.micro_batch_size=4")
+    args = parser.parse_args()
+
+    run_dir = tempfile.mkdtemp(prefix="treadle_bench_")
+    cfg = load_config(
+        [
+            f"+config={args.recipe}",
+            f"run.dir={run_dir}",
+            "trainer.global_batch_size=${trainer.micro_batch_size}",
+            "logging.wandb.mode=disabled",
+            "logging.progress_bar=false",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+            "checkpoint.resume=none",
+            *args.overrides,
+        ]
+    )
+    tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(torch.device("cuda"))
+
+    results = {"treadle": run_treadle(cfg, args.steps, args.warmup)}
+    for peer in filter(None, args.peers.split(",")):
+        gc.collect()  # the previous run's model and optimizer are unreachable once its function returned
+        torch.cuda.empty_cache()
+        results[peer] = run_hf(
+            cfg, results["treadle"]["batches"], args.steps, args.warmup, peer == "hf_compile"
+        )
+
+    summary = {}
+    for name, r in results.items():
+        tps = args.steps * tokens_per_step / r["seconds"]
+        summary[name] = {
+            "tokens_per_s": tps,
+            "tflops_per_device": tps * flops_per_token / 1e12,
+            "mfu": tps * flops_per_token / peak if peak else None,
+            "peak_memory_gib": r["peak_gib"],
+            "first_loss": r["losses"][0],
+            "last_loss": r["losses"][-1],
+        }
+        print(f"# {name}: {json.dumps(summary[name])}", flush=True)
+
+    case = (
+        f"{args.recipe.split('/')[-1]}_S{cfg.data.seq_len}_B{cfg.trainer.micro_batch_size}_bf16"
+        f"{'_compile' if cfg.parallel.compile else ''}_{cfg.memory.activation_checkpoint}AC"
+    )
+    common = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "date": datetime.date.today().isoformat(),
+        "steps": args.steps,
+        "world_size": 1,
+    }
+    lines = []
+    mine = summary["treadle"]
+    for metric, higher in (
+        ("tokens_per_s", True),
+        ("tflops_per_device", True),
+        ("mfu", True),
+        ("peak_memory_gib", False),
+    ):
+        for peer in [p for p in summary if p != "treadle"] or [None]:
+            peer_value = summary[peer][metric] if peer else None
+            lines.append(
+                {
+                    "bench": "step",
+                    "case": case,
+                    "metric": metric,
+                    "value": mine[metric],
+                    "peer": f"transformers_{peer}" if peer else None,
+                    "peer_value": peer_value,
+                    "ratio": mine[metric] / peer_value if peer_value else None,
+                    "higher_is_better": higher,
+                    **common,
+                }
+            )
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
