@@ -3,7 +3,8 @@
     python benchmarks/step.py --recipe pretrain/llama3_1b --steps 50 --out benchmarks/results/step.jsonl
 
 Both sides train the same Llama shape on the same token batches (micro-batch × seq from treadle's loader,
-one micro-batch per step, no accumulation), with AdamW and global-norm clipping at 1.0, in bf16 compute:
+with the same gradient accumulation: `--global-batch` sequences per step), with AdamW, the recipe's LR
+schedule and global-norm clipping, in bf16 compute:
 treadle with FSDP2 mixed precision (fp32 master weights, bf16 compute, fp32 gradient reduce) and its recipe's
 compile setting; transformers with fp32 weights under `torch.autocast(bfloat16)`, SDPA attention and fused
 AdamW — the usual way to train it in plain PyTorch. Time is wall-clock over `--steps` steps after
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from treadle.models import get_model_spec
+from treadle.optim.builder import build_scheduler
 from treadle.train.build import build_trainer, process_group, select_device
 from treadle.train.config import TrainConfig, load_config, validate
 from treadle.train.metrics import peak_flops
@@ -84,23 +86,33 @@ def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_mod
     model = LlamaForCausalLM(hf_cfg).cuda()
     model.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        fused=True,
     )
+    scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     forward = torch.compile(model) if compile_model else model
     torch.cuda.reset_peak_memory_stats()
     state = {"i": 0}
 
     def step() -> float:
-        (batch,) = batches[state["i"] % len(batches)]
+        micro_batches = batches[state["i"] % len(batches)]
         state["i"] += 1
-        tokens = batch.tokens.cuda(non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        total = 0.0
+        for batch in micro_batches:
+            tokens = batch.tokens.cuda(non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = forward(input_ids=tokens, labels=tokens).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return float(total)
 
     seconds, losses = _timed(step, steps, warmup)
     return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -112,7 +124,8 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="pretrain/llama3_1b")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: micro)")
     parser.add_argument("--peers", default="hf,hf_compile", help="comma list of hf, hf_compile, or empty")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here as well as stdout")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.micro_batch_size=4")
@@ -123,7 +136,7 @@ def main() -> None:
         [
             f"+config={args.recipe}",
             f"run.dir={run_dir}",
-            "trainer.global_batch_size=${trainer.micro_batch_size}",
+            f"trainer.global_batch_size={args.global_batch or '${trainer.micro_batch_size}'}",
             "logging.wandb.mode=disabled",
             "logging.progress_bar=false",
             "checkpoint.every=0",
@@ -132,7 +145,7 @@ def main() -> None:
             *args.overrides,
         ]
     )
-    tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(torch.device("cuda"))
 
@@ -158,7 +171,8 @@ def main() -> None:
         print(f"# {name}: {json.dumps(summary[name])}", flush=True)
 
     case = (
-        f"{args.recipe.split('/')[-1]}_S{cfg.data.seq_len}_B{cfg.trainer.micro_batch_size}_bf16"
+        f"{args.recipe.split('/')[-1]}_S{cfg.data.seq_len}_mb{cfg.trainer.micro_batch_size}"
+        f"_gb{cfg.trainer.global_batch_size}_bf16"
         f"{'_compile' if cfg.parallel.compile else ''}_{cfg.memory.activation_checkpoint}AC"
     )
     common = {

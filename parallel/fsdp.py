@@ -9,6 +9,8 @@ all-reduced across `dp_replicate`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,12 +34,15 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: 
         param_dtype=resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype"),
         reduce_dtype=resolve_dtype(cfg.reduce_dtype, device, "parallel.reduce_dtype"),
     )
+    # With one rank on the shard axis there is nothing to free: resharding would only repeat the copy.
+    reshard = cfg.reshard_after_forward and mesh.size(mesh.ndim - 1) > 1
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: resharding them is wasted work.
-        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(
+            block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard and i < len(blocks) - 1
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     _set_prefetch(blocks, cfg.fsdp_prefetch_forward, cfg.fsdp_prefetch_backward)
 
 
@@ -67,3 +72,6 @@ def apply_compile(model: nn.Module) -> None:
     """
     for name, block in model.layers.named_children():
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
+    # The loss runs outside the blocks; compiled, its fp32 upcast and log-softmax fuse instead of
+    # materialising [tokens, vocab] fp32 logits several times.
+    model.ops = dataclasses.replace(model.ops, loss=torch.compile(model.ops.loss, fullgraph=True))
