@@ -130,3 +130,28 @@ def test_corrupt_checkpoint_is_refused_with_its_path(cache, tmp_path):
     ]
     (message,) = run_distributed(_train_expecting_error, 1, args)
     assert str(step_dir) in message and "checkpoint.resume" in message
+
+
+def _train_expecting_runtime_error(rank: int, world_size: int, overrides: list[str]) -> str:
+    try:
+        _train(rank, world_size, overrides)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize(("policy", "first_bad_step"), [("abort", 2), ("skip", 4)])
+def test_non_finite_loss_is_skipped_or_aborts_with_a_message(policy, first_bad_step, cache, tmp_path):
+    """An absurd learning rate blows the weights up after step 1, so every later gradient is not finite."""
+    args = [
+        f"run.dir={tmp_path}",
+        f"data.cache_dir={cache}",
+        "optim.lr=1e30",
+        "optim.clip_grad_norm=0",
+        "optim.schedule.warmup_steps=0",
+        f"trainer.nan_policy={policy}",
+        "trainer.max_consecutive_skips=3",
+    ]
+    (message,) = run_distributed(_train_expecting_runtime_error, 1, args)
+    assert f"step {first_bad_step}:" in message and "is not finite" in message
+    assert f"trainer.nan_policy={policy}" in message and "lower optim.lr" in message
