@@ -9,6 +9,7 @@ The plain-PyTorch implementations here are the references the Triton kernels in 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -139,7 +140,9 @@ def linear_cross_entropy_torch(
     return loss_sum, (labels_N != ignore_index).sum()
 
 
-_REGISTRY: dict[str, dict[str, Callable]] = {
+# An implementation is a callable or a "module:attribute" string imported when first selected, so that a
+# backend's dependencies (Triton, a peer library) are imported only by runs that use it.
+_REGISTRY: dict[str, dict[str, Callable | str]] = {
     "attention": {"sdpa": attention_sdpa, "eager": attention_eager},
     "rmsnorm": {"torch": rmsnorm_torch},
     "rope": {"torch": rope_torch},
@@ -148,8 +151,8 @@ _REGISTRY: dict[str, dict[str, Callable]] = {
 }
 
 
-def register_op(op: str, name: str, fn: Callable) -> None:
-    """Make `fn` selectable as `kernels.<op>=<name>`."""
+def register_op(op: str, name: str, fn: Callable | str) -> None:
+    """Make `fn` (or the "module:attribute" it names) selectable as `kernels.<op>=<name>`."""
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; ops are {sorted(_REGISTRY)}")
     _REGISTRY[op][name] = fn
@@ -168,5 +171,21 @@ def build_ops(cfg: KernelsConfig) -> Ops:
                 f"kernels.{f.name}={name!r} is not an implementation of {f.name}; "
                 f"choose one of {sorted(_REGISTRY[f.name])}"
             )
-        chosen[f.name] = _REGISTRY[f.name][name]
+        chosen[f.name] = _resolve(f.name, name)
     return Ops(**chosen)
+
+
+def _resolve(op: str, name: str) -> Callable:
+    impl = _REGISTRY[op][name]
+    if callable(impl):
+        return impl
+    module_name, attribute = impl.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"kernels.{op}={name!r} needs {module_name}, which failed to import ({err}); fix: install its "
+            f"dependencies or choose another implementation ({sorted(_REGISTRY[op])})"
+        ) from err
+    _REGISTRY[op][name] = getattr(module, attribute)
+    return _REGISTRY[op][name]
