@@ -143,11 +143,18 @@ def linear_cross_entropy_torch(
 # An implementation is a callable or a "module:attribute" string imported when first selected, so that a
 # backend's dependencies (Triton, a peer library) are imported only by runs that use it.
 _REGISTRY: dict[str, dict[str, Callable | str]] = {
-    "attention": {"sdpa": attention_sdpa, "eager": attention_eager},
-    "rmsnorm": {"torch": rmsnorm_torch},
-    "rope": {"torch": rope_torch},
-    "swiglu": {"torch": swiglu_torch},
-    "loss": {"torch": linear_cross_entropy_torch},
+    "attention": {
+        "sdpa": attention_sdpa,
+        "eager": attention_eager,
+        "triton": "treadle.kernels.attention:attention_op",
+    },
+    "rmsnorm": {"torch": rmsnorm_torch, "triton": "treadle.kernels.rmsnorm:rmsnorm_op"},
+    "rope": {"torch": rope_torch, "triton": "treadle.kernels.rope:rope_op"},
+    "swiglu": {"torch": swiglu_torch, "triton": "treadle.kernels.swiglu:swiglu_op"},
+    "loss": {
+        "torch": linear_cross_entropy_torch,
+        "triton": "treadle.kernels.linear_cross_entropy:linear_cross_entropy_op",
+    },
 }
 
 
