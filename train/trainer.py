@@ -136,6 +136,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first `eval_batches` micro-batches per rank of the held-out split; empty
+        when there is no held-out split (`data.val_fraction=0`)."""
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -152,7 +154,10 @@ class Trainer:
             )
             loss_sum += micro_loss.double()
             count += micro_count.double()
-        loss = (self._all_reduce_sum(loss_sum) / self._all_reduce_sum(count).clamp(min=1)).item()
+        count = self._all_reduce_sum(count)
+        if count.item() == 0:
+            return {}
+        loss = (self._all_reduce_sum(loss_sum) / count).item()
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def fit(self) -> list[float]:
@@ -175,14 +180,19 @@ class Trainer:
                 self._log(result, throughput.compute())
             with throughput.paused():
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                    self.metric_logger.log_eval(self.step, self.evaluate())
+                    self._log_eval()
                 self.checkpointer.maybe_save(self.step, self.app_state())
         if not self.cfg.eval_every or self.cfg.max_steps % self.cfg.eval_every:
-            self.metric_logger.log_eval(self.step, self.evaluate())
+            self._log_eval()
         self.checkpointer.maybe_save(self.step, self.app_state(), final=True)
         self.checkpointer.close()
         self.metric_logger.close()
         return losses
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.metric_logger.log_eval(self.step, metrics)
 
     def _log(self, result: StepResult, rates: dict[str, float | None]) -> None:
         self.metric_logger.log(
