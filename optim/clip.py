@@ -18,21 +18,22 @@ def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Te
     mesh. Groups are then combined in fp32 on the host of this rank. Replicated dims contribute once, so
     the result equals the norm of the unsharded gradients.
     """
-    with_grads = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in with_grads]
-    if not grads:
+    groups: dict[object, list[nn.Parameter]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            key = (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
+            groups[key].append(p)
+    if not groups:
         return torch.zeros(())
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups[key].append(g)
     squares = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
     total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total, foreach=True)
+        # Per group: a foreach kernel cannot mix DTensors of different meshes.
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

@@ -30,6 +30,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
+    sequence_parallel: bool = True  # with tp > 1: shard activations on the sequence between blocks
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     fsdp_prefetch_forward: int = 1  # blocks all-gathered ahead in forward (FSDP2 explicit prefetch)
@@ -114,6 +115,9 @@ class ParallelDims:
                 return self.mesh["dp_replicate", "dp_shard"]
             return self.mesh["dp_replicate", "dp_shard_cp"]
         return self.flat("dp_shard_cp")
+
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
 
     def dp_rank(self) -> int:
         return self.flat("dp").get_local_rank()

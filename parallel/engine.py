@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
+from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
+from treadle.parallel.tp import apply_tp
 
 
 @dataclass
@@ -39,7 +42,8 @@ class Engine(Protocol):
 
 
 class NativeEngine:
-    """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor; plans applied in the fixed order of STYLE.md §3."""
+    """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor tensor/sequence parallelism; plans applied in the fixed
+    order of STYLE.md §3: TP/SP → activation checkpointing → compile → FSDP → materialise."""
 
     def __init__(
         self,
@@ -57,9 +61,12 @@ class NativeEngine:
 
     def prepare(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Apply plans to a meta-device model, materialise it on `device`, and build its optimizer."""
+        if self.dims.tp > 1:
+            apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
+            model.ops = dataclasses.replace(model.ops, loss=vocab_parallel_linear_cross_entropy)
         apply_activation_checkpointing(model.layers, self.memory_cfg)
         if self.cfg.compile:
-            apply_compile(model)
+            apply_compile(model, compile_loss=self.dims.tp == 1)
         apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device)
         model.to_empty(device=self.device)
         model.init_weights(self.seed)

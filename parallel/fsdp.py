@@ -62,7 +62,7 @@ def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
                 block.set_modules_to_backward_prefetch(prev)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, *, compile_loss: bool = True) -> None:
     """Compile each block (fullgraph) before FSDP wraps it, so FSDP's hooks stay outside the compiled graph.
 
     `torch.compile(block)` rather than `block.compile()`: the latter compiles `__call__` with its hooks, and
@@ -74,4 +74,6 @@ def apply_compile(model: nn.Module) -> None:
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
     # The loss runs outside the blocks; compiled, its fp32 upcast and log-softmax fuse instead of
     # materialising [tokens, vocab] fp32 logits several times.
-    model.ops = dataclasses.replace(model.ops, loss=torch.compile(model.ops.loss, fullgraph=True))
+    # Not under tensor parallelism: the vocabulary-parallel loss issues collectives from an autograd Function.
+    if compile_loss:
+        model.ops = dataclasses.replace(model.ops, loss=torch.compile(model.ops.loss, fullgraph=True))

@@ -91,12 +91,21 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         f"data.seq_len={cfg.data.seq_len} must be divisible by 2 × parallel.cp = {2 * dims.cp} "
         f"(load-balanced causal sharding splits each sequence into 2·cp chunks)",
     )
-    for axis in ("tp", "cp"):
-        _check(
-            getattr(dims, axis) == 1,
-            f"parallel.{axis}={getattr(dims, axis)} is validated but not implemented in this version; "
-            f"fix: set parallel.{axis}=1 and use parallel.dp_shard / parallel.dp_replicate",
-        )
+    _check(
+        dims.cp == 1,
+        f"parallel.cp={dims.cp} is validated but context parallelism is not implemented in this version; "
+        f"fix: set parallel.cp=1 and use parallel.dp_shard / parallel.tp",
+    )
+    _check(
+        dims.tp == 1 or not cfg.parallel.sequence_parallel or cfg.data.seq_len % dims.tp == 0,
+        f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={dims.tp} with sequence parallelism; "
+        f"fix: change data.seq_len or set parallel.sequence_parallel=false",
+    )
+    _check(
+        dims.tp == 1 or model.vocab_size % dims.tp == 0,
+        f"model.vocab_size={model.vocab_size} must be divisible by parallel.tp={dims.tp} (the embedding and "
+        f"output are sharded on the vocabulary); fix: pad model.vocab_size to a multiple of {dims.tp}",
+    )
     _check(
         cfg.data.seq_len <= model.max_seq_len,
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "

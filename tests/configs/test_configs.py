@@ -126,3 +126,19 @@ def test_launcher_reports_a_missing_data_path(tmp_path):
     assert "Traceback" not in result.stderr
     result = _launch("data=tokens", "data.seq_len=256", tmp_path=tmp_path)
     assert result.returncode != 0 and "data.path" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tp_that_does_not_divide_kv_heads_is_refused():
+    cfg = load_config(["parallel.tp=4", "model.num_heads=8", "model.num_kv_heads=2"])
+    with pytest.raises(
+        ValueError, match="parallel.tp=4 must divide model.num_heads=8 and model.num_kv_heads=2"
+    ):
+        validate(cfg, world_size=4)
+
+
+def test_context_parallel_is_refused_until_implemented():
+    cfg = load_config(["parallel.cp=2"])
+    with pytest.raises(
+        ValueError, match="parallel.cp=2 is validated but context parallelism is not implemented"
+    ):
+        validate(cfg, world_size=2)

@@ -81,6 +81,9 @@ def test_reference_loss_falls(reference):
         pytest.param(2, ["parallel=zero2"], id="zero2_2ranks"),
         pytest.param(4, ["parallel=hsdp", "parallel.dp_replicate=2"], id="hsdp_2x2"),
         pytest.param(4, ["parallel=fsdp", "trainer.micro_batch_size=1"], id="zero3_4ranks_accum2"),
+        pytest.param(2, ["parallel.tp=2"], id="tp2_sp"),
+        pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=false"], id="tp2_no_sp"),
+        pytest.param(4, ["parallel.tp=2"], id="dp2_tp2_sp"),
     ],
 )
 def test_layout_matches_single_process(world_size, overrides, reference, cache, tmp_path):
@@ -100,6 +103,23 @@ def test_resume_is_exact_and_reshards_to_another_dp_size(reference, cache, tmp_p
         shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
         resharded = train(world_size, tmp_path / f"c{world_size}", cache, *ckpt, "checkpoint.resume=auto")
         torch.testing.assert_close(torch.tensor(resharded), torch.tensor(reference[6:]), rtol=RTOL, atol=0)
+
+
+def test_untied_output_layer_under_tp(cache, tmp_path):
+    """The separate, column-parallel output layer (no weight tying) against its own single-process run."""
+    untied = "model.tie_embeddings=false"
+    expected = train(1, tmp_path / "ref", cache, untied)
+    losses = train(2, tmp_path / "tp", cache, untied, "parallel.tp=2")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=RTOL, atol=0)
+
+
+def test_checkpoint_moves_from_fsdp4_to_fsdp2_x_tp2(reference, cache, tmp_path):
+    """DCP reshards between layouts: a step-6 checkpoint of dp_shard=4 resumed at dp_shard=2 × tp=2."""
+    ckpt = ["checkpoint.every=6", "checkpoint.keep_last=0", f"checkpoint.dir={tmp_path}/ckpt"]
+    train(4, tmp_path / "a", cache, *ckpt)
+    shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
+    resumed = train(4, tmp_path / "b", cache, *ckpt, "checkpoint.resume=auto", "parallel.tp=2")
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[6:]), rtol=RTOL, atol=0)
 
 
 def _train_expecting_error(rank: int, world_size: int, overrides: list[str]) -> str:

@@ -1,0 +1,72 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) with sequence parallelism (Korthikanti et al. 2022)
+and loss parallelism, applied to the Llama model through DTensor's `parallelize_module`.
+
+Placements on the `tp` mesh axis, per block (S = sequence dim 1):
+
+    residual stream      Shard(S)     sequence-parallel: each rank holds S/tp positions between blocks
+    input_layernorm      Shard(S)     norms run on the shard (SequenceParallel), weights replicated
+    -> attention input   Replicate    all-gather over S (forward), reduce-scatter of its gradient (backward)
+    q/k/v_proj           column-wise  each rank computes num_heads/tp query and num_kv_heads/tp kv heads
+    o_proj               row-wise     partial sums reduce-scattered back to Shard(S) (forward),
+                                      all-gather of the gradient (backward)
+    mlp gate/up_proj     column-wise, down_proj row-wise, with the same all-gather / reduce-scatter pair
+
+Embedding: vocabulary-sharded (row-wise); its partial outputs are reduce-scattered to Shard(S). Output: the
+final norm's output is all-gathered to Replicate and multiplied by the vocabulary-sharded output weight, so
+logits are Shard(vocab) and never gathered: cross-entropy runs under torch's `loss_parallel` (all-reduces of
+the row max, the sum of exponentials and the target logit over `tp`). With tied embeddings the embedding and
+the output share one weight, sharded on the vocabulary in both roles.
+
+Without sequence parallelism the residual stream is replicated and the block boundaries all-reduce instead.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Shard `model` (still on the meta device) over `tp_mesh` in place."""
+    stream = Shard(1) if sequence_parallel else Replicate()
+    norm_style = SequenceParallel() if sequence_parallel else None
+    root_plan = {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+        # The loss takes the norm's output as a replicated DTensor (see the module docstring).
+        "norm": PrepareModuleOutput(
+            output_layouts=stream, desired_output_layouts=Replicate(), use_local_output=False
+        ),
+    }
+    if model.lm_head is not None:
+        root_plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, root_plan)
+    if norm_style is not None:
+        parallelize_module(model.norm, tp_mesh, norm_style)
+    for block in model.layers.values():
+        plan = {
+            "self_attn": PrepareModuleInput(
+                input_layouts=(stream, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
+            ),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=stream),
+            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+        }
+        if norm_style is not None:
+            plan["input_layernorm"] = norm_style
+            plan["post_attention_layernorm"] = norm_style
+        parallelize_module(block, tp_mesh, plan)
