@@ -127,29 +127,38 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: micro)")
     parser.add_argument("--peers", default="hf,hf_compile", help="comma list of hf, hf_compile, or empty")
+    parser.add_argument(
+        "--vs",
+        action="append",
+        default=[],
+        help="a treadle peer: the same run with these extra overrides (space-separated), e.g. --vs kernels=torch",
+    )
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here as well as stdout")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.micro_batch_size=4")
     args = parser.parse_args()
 
     run_dir = tempfile.mkdtemp(prefix="treadle_bench_")
-    cfg = load_config(
-        [
-            f"+config={args.recipe}",
-            f"run.dir={run_dir}",
-            f"trainer.global_batch_size={args.global_batch or '${trainer.micro_batch_size}'}",
-            "logging.wandb.mode=disabled",
-            "logging.progress_bar=false",
-            "checkpoint.every=0",
-            "checkpoint.save_final=false",
-            "checkpoint.resume=none",
-            *args.overrides,
-        ]
-    )
+    base = [
+        f"+config={args.recipe}",
+        f"run.dir={run_dir}",
+        f"trainer.global_batch_size={args.global_batch or '${trainer.micro_batch_size}'}",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
+        "checkpoint.every=0",
+        "checkpoint.save_final=false",
+        "checkpoint.resume=none",
+        *args.overrides,
+    ]
+    cfg = load_config(base)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(torch.device("cuda"))
 
     results = {"treadle": run_treadle(cfg, args.steps, args.warmup)}
+    for extra in args.vs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        results[f"treadle[{extra}]"] = run_treadle(load_config(base + extra.split()), args.steps, args.warmup)
     for peer in filter(None, args.peers.split(",")):
         gc.collect()  # the previous run's model and optimizer are unreachable once its function returned
         torch.cuda.empty_cache()
@@ -199,7 +208,9 @@ def main() -> None:
                     "case": case,
                     "metric": metric,
                     "value": mine[metric],
-                    "peer": f"transformers_{peer}" if peer else None,
+                    "peer": (peer if peer.startswith("treadle") else f"transformers_{peer}")
+                    if peer
+                    else None,
                     "peer_value": peer_value,
                     "ratio": mine[metric] / peer_value if peer_value else None,
                     "higher_is_better": higher,
