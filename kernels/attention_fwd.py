@@ -1,0 +1,289 @@
+"""FlashAttention-2 forward in Triton (Dao 2023, Algorithm 1): tiled QK^T, online softmax, no S×S matrix.
+
+Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim, M query rows of a tile,
+N key rows of a tile. Tensors keep the model's BSHD layout and are addressed through their strides; the last
+dim must be contiguous (it is for `.view`s of linear outputs).
+
+Masking is split the way FA2 §3.1 splits causal work: the key tiles strictly left of a query tile's diagonal
+need no causal mask and are swept unmasked; only the tiles on the diagonal (or, for full attention, the last
+ragged tile) pay for the `where`. With packed documents (`doc_ids_BS`, each document a contiguous run of a
+row) the sweep starts at the first key of the document of the tile's first query and, for full attention,
+stops after the document of the tile's last query, so tiles that no query of the tile can see are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Blocks used under TRITON_INTERPRET=1 (CPU tests): small enough that tiny sequences span several tiles,
+# with M != N so that the diagonal split of the causal sweep is exercised. Tests may override the entries.
+INTERPRET_BLOCKS: dict[str, int] = {
+    "fwd_m": 32,
+    "fwd_n": 16,
+    "dkdv_m": 16,
+    "dkdv_n": 32,
+    "dq_m": 32,
+    "dq_n": 16,
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """Autotune on a GPU unless TREADLE_ATTENTION_AUTOTUNE=0 (then a fixed per-head-dim config is used)."""
+    return not interpreting() and os.environ.get("TREADLE_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def seq_bucket(seq_len: int) -> int:
+    """Autotune key for the sequence length: powers of two, so odd lengths in training reuse a tuning."""
+    return min(triton.next_power_of_2(seq_len), 1 << 16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are for tests: "ieee" keeps them exact; bf16/fp16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fwd_configs() -> list[triton.Config]:
+    # BLOCK_M must be a multiple of BLOCK_N: the causal split puts the diagonal at a key-tile boundary.
+    shapes = [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 2),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def default_fwd_config(head_dim: int) -> triton.Config:
+    if head_dim <= 128:
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _fwd_sweep(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    doc_q,
+    doc_base,
+    offs_m,
+    lo,
+    hi,
+    seq_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_BOUNDS: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Algorithm 1 lines 6-10 over key tiles [lo, hi): scores, running max m_i, running sum l_i, rescaled acc.
+
+    Scores live in the log2 domain (scale·log2(e) folded into qk_scale) so the exponential is one exp2.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
+        if MASK_BOUNDS:  # noqa: SIM108 - a compile-time branch: interior tiles load without a mask
+            k = tl.load(k_ptrs, mask=(cols < seq_len)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASK_CAUSAL:
+            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        elif MASK_BOUNDS:
+            s = tl.where((cols < seq_len)[None, :], s, float("-inf"))
+        if HAS_DOC:
+            doc_k = tl.load(doc_base + cols, mask=cols < seq_len, other=-1)
+            s = tl.where(doc_q[:, None] == doc_k[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
+        if HAS_DOC:
+            # A row whose every key so far lies in another document still has m = -inf; shift by 0 instead
+            # so that exp2(-inf - -inf) cannot produce NaN (its p and alpha are then exactly 0).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_BOUNDS:  # noqa: SIM108 - as for k
+            v = tl.load(v_ptrs, mask=(cols < seq_len)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    doc_ptr,
+    doc_start_ptr,
+    doc_end_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    seq_len,
+    num_heads,
+    group_size,
+    softmax_scale,
+    seq_bucket,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program = one query tile of one (batch, head); Algorithm 1's outer loop is the grid."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if CAUSAL:
+        # Causal tiles near the end of the sequence do the most work: launch them first for a shorter tail.
+        pid_m = tl.cdiv(seq_len, BLOCK_M) - 1 - pid_m
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kh = h // group_size  # GQA/MQA: the group's key/value head is indexed, never repeated in memory
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kh.to(tl.int64) * stride_vh
+    doc_base = doc_ptr + b.to(tl.int64) * seq_len
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    qk_scale = softmax_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    lo = 0
+    doc_q = 0
+    if HAS_DOC:
+        doc_q = tl.load(doc_base + offs_m, mask=row_ok, other=-2)
+        lo = (tl.load(doc_start_ptr + b.to(tl.int64) * seq_len + start_m) // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        mid = start_m
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        hi = seq_len
+        if HAS_DOC:
+            last = tl.minimum(start_m + BLOCK_M, seq_len) - 1
+            hi = tl.load(doc_end_ptr + b.to(tl.int64) * seq_len + last)
+        mid = tl.minimum(hi, (seq_len // BLOCK_N) * BLOCK_N)
+
+    acc, m_i, l_i = _fwd_sweep(
+        acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, doc_q, doc_base, offs_m, lo, mid,
+        seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, False, HAS_DOC, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _fwd_sweep(
+        acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, doc_q, doc_base, offs_m, mid, hi,
+        seq_len, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, HAS_DOC, DOT_PRECISION,
+    )  # fmt: skip
+
+    # Algorithm 1 line 12-13: O = acc / l and L = m + log(l); L is kept in natural log for callers
+    # (context parallel merges partial results with it). Padded rows (l = 0) are never stored.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(), key=["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_DOC", "group_size"]
+)(_attn_fwd_kernel)
+
+
+def attention_forward(
+    q_BSHD: torch.Tensor,
+    k_BSKD: torch.Tensor,
+    v_BSKD: torch.Tensor,
+    doc_ids_BS: torch.Tensor | None,
+    doc_start_BS: torch.Tensor | None,
+    doc_end_BS: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns (out_BSHD in q's dtype, lse_BHS in fp32, natural log)."""
+    batch, seq_len, num_heads, head_dim = q_BSHD.shape
+    num_kv_heads = k_BSKD.shape[2]
+    out_BSHD = torch.empty_like(q_BSHD, memory_format=torch.contiguous_format)
+    lse_BHS = torch.empty(batch, num_heads, seq_len, device=q_BSHD.device, dtype=torch.float32)
+    has_doc = doc_ids_BS is not None
+    doc_args = (doc_ids_BS, doc_start_BS, doc_end_BS) if has_doc else (lse_BHS, lse_BHS, lse_BHS)
+    args = (
+        q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, *doc_args,
+        q_BSHD.stride(0), q_BSHD.stride(1), q_BSHD.stride(2),
+        k_BSKD.stride(0), k_BSKD.stride(1), k_BSKD.stride(2),
+        v_BSKD.stride(0), v_BSKD.stride(1), v_BSKD.stride(2),
+        out_BSHD.stride(0), out_BSHD.stride(1), out_BSHD.stride(2),
+        seq_len, num_heads, num_heads // num_kv_heads, softmax_scale, seq_bucket(seq_len),
+    )  # fmt: skip
+    meta = {
+        "HEAD_DIM": head_dim,
+        "CAUSAL": causal,
+        "HAS_DOC": has_doc,
+        "DOT_PRECISION": dot_precision(q_BSHD.dtype),
+    }
+    if autotuning():
+
+        def grid(cfg: dict) -> tuple[int, int]:
+            return (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * num_heads)
+
+        _attn_fwd_tuned[grid](*args, **meta)
+    else:
+        if interpreting():
+            blocks = {"BLOCK_M": INTERPRET_BLOCKS["fwd_m"], "BLOCK_N": INTERPRET_BLOCKS["fwd_n"]}
+            launch = {"num_warps": 4, "num_stages": 1}
+        else:
+            cfg = default_fwd_config(head_dim)
+            blocks, launch = cfg.kwargs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        grid_fixed = (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * num_heads)
+        _attn_fwd_kernel[grid_fixed](*args, **meta, **blocks, **launch)
+    return out_BSHD, lse_BHS
