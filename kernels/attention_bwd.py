@@ -7,7 +7,9 @@ Three launches, no atomics:
   1. delta = rowsum(dO ∘ O) per query row (Algorithm 2 line 4, FA2 §3.2's D_i).
   2. dK, dV: one program per key tile of one key/value head; it loops over the query tiles of every query
      head of its GQA group (Algorithm 2's inner loop, j fixed), so the group's dK/dV are summed in registers
-     and written once, with no per-query-head copies.
+     and written once, with no per-query-head copies. When that grid is too small to fill the GPU (few kv
+     heads, short sequences: MQA, or context parallelism's per-rank slices), the group is split over
+     programs that write fp32 partial sums, added up in torch afterwards (`kv_group_splits`).
   3. dQ: one program per query tile (the transpose of 2), so dQ is accumulated in registers instead of
      FA2's atomic adds; it costs one more QK^T and dO V^T recompute, which is cheaper on H100 than fp32
      atomics into HBM and keeps the result deterministic.
@@ -15,6 +17,8 @@ Tile skipping and the causal diagonal split follow the forward (see attention_fw
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -29,21 +33,22 @@ from treadle.kernels.attention_fwd import (
 )
 
 _KEY = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_DOC", "group_size"]
+# Below this many dK/dV programs per SM the GQA group is split over programs (several waves hide the
+# causal imbalance: the first key tiles sweep every query row, the last ones a single tile).
+_MIN_DKDV_PROGRAMS_PER_SM = 4
 
 
 def _dkdv_configs() -> list[triton.Config]:
     # BLOCK_N (key rows, the program's tile) must be a multiple of BLOCK_M (query rows swept). Two fp32
-    # [BLOCK_N, D] accumulators live in registers, so BLOCK_N = 128 at D = 128 wants 8 warps.
+    # [BLOCK_N, D] accumulators live in registers, so BLOCK_N = 128 at D = 128 wants 8 warps. The first
+    # entry won at every S on an H100 (D = 128, bf16, causal); the small tiles are for D = 256.
     shapes = [
-        (32, 128, 8, 3),
-        (32, 128, 8, 2),
-        (64, 128, 8, 2),
         (64, 128, 8, 3),
-        (16, 128, 8, 3),
-        (32, 128, 4, 3),
+        (64, 128, 8, 2),
+        (32, 128, 8, 3),
         (32, 64, 4, 3),
         (64, 64, 4, 3),
-        (16, 64, 4, 2),
+        (16, 64, 8, 2),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -51,28 +56,26 @@ def _dkdv_configs() -> list[triton.Config]:
 def _dq_configs() -> list[triton.Config]:
     # BLOCK_M (query rows, the program's tile) must be a multiple of BLOCK_N (key rows swept).
     shapes = [
-        (128, 32, 8, 3),
-        (128, 32, 4, 3),
         (128, 64, 8, 3),
         (128, 64, 8, 2),
-        (128, 16, 8, 3),
+        (128, 32, 8, 3),
         (128, 32, 8, 4),
         (64, 32, 4, 3),
         (64, 64, 4, 3),
-        (64, 16, 4, 2),
+        (64, 16, 8, 2),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def default_dkdv_config(head_dim: int) -> triton.Config:
     if head_dim <= 128:
-        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3)
     return triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
 def default_dq_config(head_dim: int) -> triton.Config:
     if head_dim <= 128:
-        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     return triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)
 
 
@@ -194,6 +197,7 @@ def _attn_bwd_dkdv_kernel(
     num_heads,
     num_kv_heads,
     group_size,
+    heads_per_split,
     softmax_scale,
     seq_bucket,
     HEAD_DIM: tl.constexpr,
@@ -204,9 +208,11 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = (pid_bk // num_kv_heads).to(tl.int64)
-    kh = (pid_bk % num_kv_heads).to(tl.int64)
+    pid_bks = tl.program_id(1)  # (batch, kv head, split of the GQA group)
+    num_splits = group_size // heads_per_split
+    split = pid_bks % num_splits
+    b = (pid_bks // (num_splits * num_kv_heads)).to(tl.int64)
+    kh = ((pid_bks // num_splits) % num_kv_heads).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -240,8 +246,8 @@ def _attn_bwd_dkdv_kernel(
         if HAS_DOC:
             rest_lo = (tl.load(doc_start_ptr + b * seq_len + start_n) // BLOCK_M) * BLOCK_M
 
-    for g in range(group_size):
-        h = kh * group_size + g
+    for g in range(heads_per_split):
+        h = kh * group_size + split * heads_per_split + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + (b * num_heads + h) * seq_len
@@ -258,13 +264,11 @@ def _attn_bwd_dkdv_kernel(
 
     # dS carries no softmax scale (Algorithm 2 line 16 with S = scale·QK^T): apply it once here.
     dk = dk * softmax_scale
-    out_rows = offs_n[:, None] * stride_dks + offs_d[None, :]
-    tl.store(
-        dk_ptr + b * stride_dkb + kh * stride_dkh + out_rows, dk.to(dk_ptr.dtype.element_ty), mask=col_ok
-    )
-    tl.store(
-        dv_ptr + b * stride_dkb + kh * stride_dkh + out_rows, dv.to(dv_ptr.dtype.element_ty), mask=col_ok
-    )
+    # dK and dV buffers share one shape, [B, S, K·splits, D] (one split: the gradients themselves).
+    out_head = kh * num_splits + split
+    out_offs = b * stride_dkb + out_head * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    tl.store(dk_ptr + out_offs, dk.to(dk_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -420,8 +424,27 @@ def _attn_bwd_dq_kernel(
     )
 
 
-_dkdv_tuned = triton.autotune(configs=_dkdv_configs(), key=_KEY)(_attn_bwd_dkdv_kernel)
+_dkdv_tuned = triton.autotune(configs=_dkdv_configs(), key=[*_KEY, "heads_per_split"])(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(configs=_dq_configs(), key=_KEY)(_attn_bwd_dq_kernel)
+
+
+@functools.lru_cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def kv_group_splits(
+    batch: int, seq_len: int, num_kv_heads: int, group_size: int, device: torch.device
+) -> int:
+    """How many programs share one kv head's GQA group in the dK/dV kernel (a divisor of the group size)."""
+    if group_size == 1 or device.type != "cuda":
+        return 1
+    target = _MIN_DKDV_PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else 0)
+    programs = triton.cdiv(seq_len, 128) * batch * num_kv_heads
+    for splits in range(1, group_size + 1):
+        if group_size % splits == 0 and programs * splits >= target:
+            return splits
+    return group_size
 
 
 def _fixed_config(kind: str, head_dim: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -452,9 +475,15 @@ def attention_backward(
     group_size = num_heads // num_kv_heads
     if do_BSHD.stride(-1) != 1:
         do_BSHD = do_BSHD.contiguous()
+    num_splits = kv_group_splits(batch, seq_len, num_kv_heads, group_size, q_BSHD.device)
     dq_BSHD = torch.empty_like(q_BSHD, memory_format=torch.contiguous_format)
-    dk_BSKD = torch.empty_like(k_BSKD, memory_format=torch.contiguous_format)
-    dv_BSKD = torch.empty_like(v_BSKD, memory_format=torch.contiguous_format)
+    if num_splits == 1:
+        dk_BSKD = torch.empty_like(k_BSKD, memory_format=torch.contiguous_format)
+        dv_BSKD = torch.empty_like(v_BSKD, memory_format=torch.contiguous_format)
+    else:
+        partial_shape = (batch, seq_len, num_kv_heads * num_splits, head_dim)
+        dk_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
+        dv_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
     delta_BHS = torch.empty_like(lse_BHS)
 
     delta_block = 64
@@ -483,7 +512,7 @@ def attention_backward(
     dkdv_args = (
         q_BSHD, k_BSKD, v_BSKD, do_BSHD, lse_BHS, delta_BHS, dk_BSKD, dv_BSKD, *doc_args, *strides,
         dk_BSKD.stride(0), dk_BSKD.stride(1), dk_BSKD.stride(2),
-        seq_len, num_heads, num_kv_heads, group_size, softmax_scale, bucket,
+        seq_len, num_heads, num_kv_heads, group_size, group_size // num_splits, softmax_scale, bucket,
     )  # fmt: skip
     dq_args = (
         q_BSHD, k_BSKD, v_BSKD, do_BSHD, lse_BHS, delta_BHS, dq_BSHD, *doc_args, *strides,
@@ -492,7 +521,7 @@ def attention_backward(
     )  # fmt: skip
 
     def dkdv_grid(cfg: dict) -> tuple[int, int]:
-        return (triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * num_kv_heads)
+        return (triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * num_kv_heads * num_splits)
 
     def dq_grid(cfg: dict) -> tuple[int, int]:
         return (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * num_heads)
@@ -505,4 +534,9 @@ def attention_backward(
         _attn_bwd_dkdv_kernel[dkdv_grid(blocks)](*dkdv_args, **meta, **blocks, **launch)
         blocks, launch = _fixed_config("dq", head_dim)
         _attn_bwd_dq_kernel[dq_grid(blocks)](*dq_args, **meta, **blocks, **launch)
+    if num_splits > 1:
+        dk_BSKD, dv_BSKD = (
+            t.view(batch, seq_len, num_kv_heads, num_splits, head_dim).sum(3).to(k_BSKD.dtype)
+            for t in (dk_BSKD, dv_BSKD)
+        )
     return dq_BSHD, dk_BSKD, dv_BSKD

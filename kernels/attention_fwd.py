@@ -55,13 +55,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def _fwd_configs() -> list[triton.Config]:
     # BLOCK_M must be a multiple of BLOCK_N: the causal split puts the diagonal at a key-tile boundary.
+    # On an H100 (D = 128, bf16, causal) 128×128/8 warps won from S = 4k up and 64×64/4 at 2k (by 2%).
     shapes = [
+        (128, 128, 8, 3),
         (128, 64, 8, 3),
         (128, 64, 8, 4),
         (128, 128, 8, 2),
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (128, 32, 8, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 2),
     ]
@@ -70,7 +69,7 @@ def _fwd_configs() -> list[triton.Config]:
 
 def default_fwd_config(head_dim: int) -> triton.Config:
     if head_dim <= 128:
-        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3)
     return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from treadle.kernels import attention_fwd
+from treadle.kernels import attention_bwd, attention_fwd
 from treadle.kernels.attention import (
     attention_op,
     attention_reference,
@@ -171,6 +171,16 @@ def test_equal_blocks_and_custom_scale(monkeypatch: pytest.MonkeyPatch):
     _check(q, k, v, dout, causal=False, doc_ids_BS=_doc_ids(45, [[16, 1, 28]]))
 
 
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_gqa_group_split_over_programs(monkeypatch: pytest.MonkeyPatch, num_splits: int):
+    # On a GPU with few kv heads the dK/dV kernel splits each GQA group over programs and sums the fp32
+    # partials afterwards; force that path here.
+    monkeypatch.setattr(attention_bwd, "kv_group_splits", lambda *args: num_splits)
+    q, k, v, dout = _inputs(1, 37, 4, 1, 16, torch.float32)
+    _check(q, k, v, dout, causal=True)
+    _check(q, k, v, dout, causal=False, doc_ids_BS=_doc_ids(37, [[5, 1, 31]]))
+
+
 def test_strided_inputs_from_fused_projection():
     # q, k, v as slices of one fused [B, S, H + 2K, D] projection: BSHD strides that are not contiguous.
     gen = torch.Generator().manual_seed(1)
@@ -188,6 +198,25 @@ def test_op_matches_eager_attention():
         got = attention_op(q, k, v, **kwargs)
         want = attention_eager(q, k, v, **kwargs)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph():
+    # The kernels are torch.library custom ops: Dynamo traces the autograd Function around them without a
+    # graph break. aot_eager keeps the test free of a C++ toolchain; the GPU test below uses Inductor.
+    q, k, v, dout = _inputs(1, 40, 4, 2, 16, torch.float32)
+    doc_ids = _doc_ids(40, [[13, 27]])
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_op(q, k, v, causal=True, doc_ids_BS=doc_ids) * 2
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = attend(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    torch.testing.assert_close(out, want)
+    for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref)
 
 
 def test_lse_is_not_differentiable():
@@ -270,6 +299,35 @@ def test_gpu_documents_bf16(monkeypatch: pytest.MonkeyPatch, causal: bool):
     lengths = [[300, 1, 700, 47, 1000], [2048], [1] * 64 + [1984]]
     q, k, v, dout = _inputs(3, seq_len, 8, 1, 128, torch.bfloat16)
     _check(q, k, v, dout, causal=causal, doc_ids_BS=_doc_ids(seq_len, lengths))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_gqa_small_grid(monkeypatch: pytest.MonkeyPatch, causal: bool):
+    # 2 kv heads for 32 query heads at S = 1024: the dK/dV grid is split over the GQA groups.
+    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+    q, k, v, dout = _inputs(1, 1024, 32, 2, 128, torch.bfloat16)
+    assert attention_bwd.kv_group_splits(1, 1024, 2, 16, q.device) > 1
+    _check(q, k, v, dout, causal=causal, doc_ids_BS=_doc_ids(1024, [[100, 1, 923]]))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_compile_inductor(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+    q, k, v, dout = _inputs(2, 256, 4, 2, 64, torch.bfloat16)
+
+    def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_op(q * 0.5, k, v, causal=True).float().square()
+
+    out = torch.compile(block, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout.float())
+    want = block(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout.float())
+    torch.testing.assert_close(out, want)
+    for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.gpu
