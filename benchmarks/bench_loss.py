@@ -137,19 +137,22 @@ def _check(peer_fn: LossFn, inputs: tuple) -> str:
 
 
 def _sweep(inputs: tuple, reps: int, warmup: int) -> None:
-    """Notes on the chunk budget and the vocab block, the two knobs of `linear_cross_entropy`."""
-    budget, block = lce.LOGITS_BUDGET_BYTES, lce._MAX_BLOCK_V
-    fn = lambda h, w, y: lce.linear_cross_entropy(h, w, y)[0]  # noqa: E731
+    """Notes on the knobs of `linear_cross_entropy`: chunk size, vocab blocks, column tile."""
+    blocks, tile = lce._NUM_VOCAB_BLOCKS, lce._MAX_TILE_V
     try:
-        for mib in (256, 1024):
-            lce.LOGITS_BUDGET_BYTES = mib * 2**20
-            _note(f"treadle budget {mib} MiB: {json.dumps(_measure(fn, inputs, reps, warmup))}")
-        lce.LOGITS_BUDGET_BYTES = budget
-        for size in (2048, 8192):
-            lce._MAX_BLOCK_V = size
-            _note(f"treadle vocab block {size}: {json.dumps(_measure(fn, inputs, reps, warmup))}")
+        for chunk in (2048, 4096):
+            fn = lambda h, w, y, c=chunk: lce.linear_cross_entropy(h, w, y, chunk_size=c)[0]  # noqa: E731
+            _note(f"treadle chunk {chunk}: {json.dumps(_measure(fn, inputs, reps, warmup))}")
+        fn = lambda h, w, y: lce.linear_cross_entropy(h, w, y)[0]  # noqa: E731
+        for lce._NUM_VOCAB_BLOCKS in (4, 16):
+            _note(
+                f"treadle {lce._NUM_VOCAB_BLOCKS} vocab blocks: {json.dumps(_measure(fn, inputs, reps, warmup))}"
+            )
+        lce._NUM_VOCAB_BLOCKS = blocks
+        for lce._MAX_TILE_V in (2048, 8192):
+            _note(f"treadle tile {lce._MAX_TILE_V}: {json.dumps(_measure(fn, inputs, reps, warmup))}")
     finally:
-        lce.LOGITS_BUDGET_BYTES, lce._MAX_BLOCK_V = budget, block
+        lce._NUM_VOCAB_BLOCKS, lce._MAX_TILE_V = blocks, tile
 
 
 def cases(args: argparse.Namespace | None = None) -> Iterator[dict]:
@@ -219,7 +222,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=DEFAULTS["reps"])
     parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     parser.add_argument("--peers", default=DEFAULTS["peers"], help="comma list of eager, compile, liger")
-    parser.add_argument("--sweep", action="store_true", help="also time other chunk budgets and vocab blocks")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time other chunk sizes, vocab blocks, tiles"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here (replacing it) too")
     args = parser.parse_args()
     lines = list(cases(args))

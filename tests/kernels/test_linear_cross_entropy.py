@@ -21,9 +21,12 @@ TOLERANCES = {
 
 
 @pytest.fixture(autouse=True)
-def small_vocab_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Several vocab blocks per row even at V=257, so the online logsumexp's rescaling is exercised.
-    monkeypatch.setattr(lce, "_MAX_BLOCK_V", 128)
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several column tiles per vocab block even at V=500 (blocks of 62), so the online logsumexp's rescaling
+    # is exercised; several rows per program, as the interpreter's cost is per program (and a partial last
+    # program is exercised too).
+    monkeypatch.setattr(lce, "_MAX_TILE_V", 32)
+    monkeypatch.setattr(lce, "_ROWS_PER_PROGRAM", 16)
 
 
 def make_inputs(
@@ -133,10 +136,11 @@ def test_z_loss() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("chunk_size", [16, None])  # fp32 dW accumulated over 3 chunks; one chunk
+def test_low_precision(dtype: torch.dtype, chunk_size: int | None) -> None:
     hidden, weight, labels = make_inputs(48, 64, 300, dtype)
     labels[20:30] = -100
-    ours = run(lce.linear_cross_entropy, hidden, weight, labels, chunk_size=16, z_loss_weight=1e-3)
+    ours = run(lce.linear_cross_entropy, hidden, weight, labels, chunk_size=chunk_size, z_loss_weight=1e-3)
     ref = run(lce.linear_cross_entropy_reference, hidden, weight, labels, z_loss_weight=1e-3)
     assert_matches(ours, ref, dtype)
 
@@ -268,30 +272,68 @@ def test_input_checks() -> None:
         lce.linear_cross_entropy(hidden, weight.half(), labels)
 
 
-def test_default_chunk_size_keeps_logits_within_budget() -> None:
-    assert lce.default_chunk_size(8192, 128256, torch.bfloat16) == 2048
-    for num_tokens, vocab, dtype in [
-        (8000, 128256, torch.bfloat16),
-        (8192, 32000, torch.float32),
-        (37, 257, torch.float32),
-    ]:
-        chunk = lce.default_chunk_size(num_tokens, vocab, dtype)
-        assert 1 <= chunk <= num_tokens
-        assert chunk * vocab * dtype.itemsize <= lce.LOGITS_BUDGET_BYTES
-    assert lce.default_chunk_size(10, 2**30, torch.float32) == 1
+def test_vocab_blocks_cover_the_vocab() -> None:
+    for vocab in (1, 33, 257, 128256):
+        bounds = lce.vocab_blocks(vocab)
+        assert bounds[0][0] == 0 and bounds[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+    assert len(lce.vocab_blocks(128256)) == lce._NUM_VOCAB_BLOCKS
+
+
+def test_default_chunk_size() -> None:
+    # Llama-3-8B's micro-batch: one chunk (its logits cost no more than the fp32 dW accumulator would).
+    assert lce.default_chunk_size(8192, 128256, 4096, torch.bfloat16) == 8192
+    # Twice the tokens: budget-sized chunks of all-live logits, evened out.
+    chunk = lce.default_chunk_size(16384, 128256, 4096, torch.bfloat16)
+    assert chunk == 2048 and chunk * 128256 * 2 <= lce.LOGITS_BUDGET_BYTES
+    # A frozen output layer needs no accumulator, so the budget alone decides.
+    assert lce.default_chunk_size(8192, 128256, 4096, torch.bfloat16, grad_weight=False) == 2048
+    # Without gradients one vocab block is live at a time.
+    assert (
+        lce.default_chunk_size(16384, 128256, 4096, torch.bfloat16, grad_hidden=False, grad_weight=False)
+        == 16384
+    )
+    for num_tokens, vocab, dtype in [(8000, 128256, torch.bfloat16), (8192, 32000, torch.float32)]:
+        chunk = lce.default_chunk_size(num_tokens, vocab, 64, dtype)
+        assert 1 <= chunk <= num_tokens and chunk * vocab * dtype.itemsize <= lce.LOGITS_BUDGET_BYTES
+    assert lce.default_chunk_size(10, 2**30, 64, torch.float32) == 1
+
+
+def gpu_real_vocab_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden, weight, labels = make_inputs(2048, 1024, 128256, dtype, seed=1)
+    labels[100:600] = -100
+    return hidden, weight, labels
+
+
+@pytest.fixture
+def gpu_launch_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lce, "_MAX_TILE_V", 4096)
+    monkeypatch.setattr(lce, "_ROWS_PER_PROGRAM", 1)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_real_vocab(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Llama-3's vocab, default chunking and vocab block, fp32 dW accumulation on cuBLAS; also compiled."""
-    monkeypatch.setattr(lce, "_MAX_BLOCK_V", 4096)
-    monkeypatch.setattr(lce, "LOGITS_BUDGET_BYTES", 64 * 2**20)  # several chunks at this size
-    hidden, weight, labels = make_inputs(2048, 1024, 128256, dtype, seed=1)
-    labels[100:600] = -100
-    ours = run(lce.linear_cross_entropy, hidden, weight, labels, z_loss_weight=1e-4, grad_scale=0.7)
-    ref = run(lce.linear_cross_entropy_reference, hidden, weight, labels, z_loss_weight=1e-4, grad_scale=0.7)
+@pytest.mark.parametrize("chunk_size", [None, 768])
+def test_gpu_real_vocab(dtype: torch.dtype, chunk_size: int | None, gpu_launch_config: None) -> None:
+    """Llama-3's vocab on cuBLAS: one chunk (default) and three (fp32 dW accumulator)."""
+    hidden, weight, labels = gpu_real_vocab_inputs(dtype)
+    kwargs = {"z_loss_weight": 1e-4, "grad_scale": 0.7}
+    ours = run(lce.linear_cross_entropy, hidden, weight, labels, chunk_size=chunk_size, **kwargs)
+    ref = run(lce.linear_cross_entropy_reference, hidden, weight, labels, **kwargs)
     assert_matches(ours, ref, dtype)
-    compiled = torch.compile(lce.linear_cross_entropy, fullgraph=True)
-    assert_matches(run(compiled, hidden, weight, labels, z_loss_weight=1e-4, grad_scale=0.7), ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_inductor_compile(gpu_launch_config: None) -> None:
+    hidden, weight, labels = gpu_real_vocab_inputs(torch.bfloat16)
+    compiled = torch.compile(lce.linear_cross_entropy_op, fullgraph=True)
+
+    def op(fn):
+        return lambda h, w, y: (*fn(h, w, y), torch.zeros((), device=DEVICE))
+
+    ours = run(op(compiled), hidden, weight, labels, grad_scale=0.5)
+    ref = run(op(linear_cross_entropy_torch), hidden, weight, labels, grad_scale=0.5)
+    assert_matches(ours, ref, torch.bfloat16)
