@@ -197,7 +197,9 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check_inputs(q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, doc_ids_BS) -> None:
+def _check_inputs(
+    q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+) -> None:
     if q_BSHD.dim() != 4 or k_BSKD.shape != v_BSKD.shape or k_BSKD.dim() != 4:
         raise ValueError(
             f"expected q [B,S,H,D] and k, v [B,S,K,D]; got {q_BSHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}"

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from treadle.kernels.attention_fwd import (
     INTERPRET_BLOCKS,
+    LOG2E,
     autotuning,
     dot_precision,
     interpreting,
@@ -149,7 +150,7 @@ def _dkdv_sweep(
         row_ok = rows < seq_len
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
@@ -226,7 +227,7 @@ def _attn_bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
 
     # Query rows that can see this key tile: from the diagonal (causal) or the first key's document start,
     # up to the end of the last key's document (or the sequence).
@@ -385,12 +386,12 @@ def _attn_bwd_dq_kernel(
         other=0.0,
     )
     lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = lse2 * 1.4426950408889634
+    lse2 = lse2 * LOG2E
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + kh * stride_kh
     v_base = v_ptr + b * stride_vb + kh * stride_vh
     doc_base = doc_ptr + b * seq_len
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     lo = 0
@@ -456,6 +457,20 @@ def _fixed_config(kind: str, head_dim: int) -> tuple[dict[str, int], dict[str, i
     return dict(cfg.kwargs), {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
+def _delta(out_BSHD: torch.Tensor, do_BSHD: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO ∘ O) as fp32 [B, H, S] (Algorithm 2 line 4)."""
+    batch, seq_len, num_heads, head_dim = out_BSHD.shape
+    delta_BHS = torch.empty(batch, num_heads, seq_len, device=out_BSHD.device, dtype=torch.float32)
+    block = 64
+    _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * num_heads)](
+        out_BSHD, do_BSHD, delta_BHS,
+        out_BSHD.stride(0), out_BSHD.stride(1), out_BSHD.stride(2),
+        do_BSHD.stride(0), do_BSHD.stride(1), do_BSHD.stride(2),
+        seq_len, num_heads, HEAD_DIM=head_dim, BLOCK_M=block,
+    )  # fmt: skip
+    return delta_BHS
+
+
 def attention_backward(
     do_BSHD: torch.Tensor,
     q_BSHD: torch.Tensor,
@@ -484,15 +499,7 @@ def attention_backward(
         partial_shape = (batch, seq_len, num_kv_heads * num_splits, head_dim)
         dk_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
         dv_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
-    delta_BHS = torch.empty_like(lse_BHS)
-
-    delta_block = 64
-    _bwd_delta_kernel[(triton.cdiv(seq_len, delta_block), batch * num_heads)](
-        out_BSHD, do_BSHD, delta_BHS,
-        out_BSHD.stride(0), out_BSHD.stride(1), out_BSHD.stride(2),
-        do_BSHD.stride(0), do_BSHD.stride(1), do_BSHD.stride(2),
-        seq_len, num_heads, HEAD_DIM=head_dim, BLOCK_M=delta_block,
-    )  # fmt: skip
+    delta_BHS = _delta(out_BSHD, do_BSHD)
 
     has_doc = doc_ids_BS is not None
     doc_args = (doc_ids_BS, doc_start_BS, doc_end_BS) if has_doc else (lse_BHS, lse_BHS, lse_BHS)

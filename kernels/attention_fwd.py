@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels work in the log2 domain (exp2 is the native instruction); LSE is handed out in natural log.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # Blocks used under TRITON_INTERPRET=1 (CPU tests): small enough that tiny sequences span several tiles,
 # with M != N so that the diagonal split of the causal sweep is exercised. Tests may override the entries.
@@ -191,7 +192,7 @@ def _attn_fwd_kernel(
     doc_base = doc_ptr + b.to(tl.int64) * seq_len
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -224,7 +225,7 @@ def _attn_fwd_kernel(
     # (context parallel merges partial results with it). Padded rows (l = 0) are never stored.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_safe)) * LN2
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_os + offs_d[None, :],
