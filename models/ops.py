@@ -30,8 +30,11 @@ class KernelsConfig:
     loss: str = "torch"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ops:
+    """One table per model, shared by reference by every module of it: a parallel plan that swaps an entry
+    (`model.ops.attention = ...`) swaps it for every block at once."""
+
     attention: Callable[..., torch.Tensor]
     rmsnorm: Callable[..., torch.Tensor]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]

@@ -31,6 +31,7 @@ class ParallelConfig:
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
     sequence_parallel: bool = True  # with tp > 1: shard activations on the sequence between blocks
+    cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     fsdp_prefetch_forward: int = 1  # blocks all-gathered ahead in forward (FSDP2 explicit prefetch)
@@ -118,6 +119,9 @@ class ParallelDims:
 
     def tp_mesh(self) -> DeviceMesh:
         return self.mesh["tp"]
+
+    def cp_mesh(self) -> DeviceMesh:
+        return self.mesh["cp"]
 
     def dp_rank(self) -> int:
         return self.flat("dp").get_local_rank()

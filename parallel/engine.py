@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,10 +18,12 @@ from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpoi
 from treadle.optim.builder import build_optimizer
 from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
+from treadle.parallel.cp import apply_cp, shard_batch
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
 from treadle.parallel.tp import apply_tp
+from treadle.train.data import Batch
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Engine(Protocol):
 
 class NativeEngine:
     """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor tensor/sequence parallelism; plans applied in the fixed
-    order of STYLE.md §3: TP/SP → activation checkpointing → compile → FSDP → materialise."""
+    order of STYLE.md §3: TP/SP → CP → activation checkpointing → compile → FSDP → materialise."""
 
     def __init__(
         self,
@@ -63,16 +64,23 @@ class NativeEngine:
         """Apply plans to a meta-device model, materialise it on `device`, and build its optimizer."""
         if self.dims.tp > 1:
             apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
-            model.ops = dataclasses.replace(model.ops, loss=vocab_parallel_linear_cross_entropy)
+            model.ops.loss = vocab_parallel_linear_cross_entropy
+        if self.dims.cp > 1:
+            apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)
         if self.cfg.compile:
-            apply_compile(model, compile_loss=self.dims.tp == 1)
+            # Ring attention's point-to-point sends break the graph, so blocks cannot be one graph under CP.
+            apply_compile(model, compile_loss=self.dims.tp == 1, fullgraph=self.dims.cp == 1)
         apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device)
         model.to_empty(device=self.device)
         model.init_weights(self.seed)
         self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
         self.optimizer = build_optimizer(model, optim_cfg, self.device)
         return model, self.optimizer
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """This rank's part of a data-parallel rank's batch: its context-parallel slice of the sequence."""
+        return shard_batch(batch, self.dims.cp_mesh()) if self.dims.cp > 1 else batch
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

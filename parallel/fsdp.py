@@ -9,8 +9,6 @@ all-reduced across `dp_replicate`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -62,7 +60,7 @@ def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
                 block.set_modules_to_backward_prefetch(prev)
 
 
-def apply_compile(model: nn.Module, *, compile_loss: bool = True) -> None:
+def apply_compile(model: nn.Module, *, compile_loss: bool = True, fullgraph: bool = True) -> None:
     """Compile each block (fullgraph) before FSDP wraps it, so FSDP's hooks stay outside the compiled graph.
 
     `torch.compile(block)` rather than `block.compile()`: the latter compiles `__call__` with its hooks, and
@@ -71,9 +69,9 @@ def apply_compile(model: nn.Module, *, compile_loss: bool = True) -> None:
     so compile time does not grow with depth.
     """
     for name, block in model.layers.named_children():
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
     # The loss runs outside the blocks; compiled, its fp32 upcast and log-softmax fuse instead of
     # materialising [tokens, vocab] fp32 logits several times.
     # Not under tensor parallelism: the vocabulary-parallel loss issues collectives from an autograd Function.
     if compile_loss:
-        model.ops = dataclasses.replace(model.ops, loss=torch.compile(model.ops.loss, fullgraph=True))
+        model.ops.loss = torch.compile(model.ops.loss, fullgraph=True)

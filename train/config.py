@@ -14,6 +14,7 @@ from treadle.memory.checkpointing import MemoryConfig
 from treadle.models.llama import ModelConfig
 from treadle.models.ops import KernelsConfig, build_ops
 from treadle.optim.config import SCHEDULES, OptimConfig
+from treadle.parallel.cp import CP_VARIANTS
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
@@ -92,10 +93,17 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         f"(load-balanced causal sharding splits each sequence into 2·cp chunks)",
     )
     _check(
-        dims.cp == 1,
-        f"parallel.cp={dims.cp} is validated but context parallelism is not implemented in this version; "
-        f"fix: set parallel.cp=1 and use parallel.dp_shard / parallel.tp",
+        cfg.parallel.cp_variant in CP_VARIANTS,
+        f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",
     )
+    if dims.cp > 1 and cfg.parallel.cp_variant == "ulysses":
+        heads, kv_heads = model.num_heads // dims.tp, model.num_kv_heads // dims.tp
+        _check(
+            heads % dims.cp == 0 and kv_heads % dims.cp == 0,
+            f"parallel.cp_variant=ulysses splits heads over parallel.cp={dims.cp}, but each tensor-parallel rank "
+            f"has {heads} query and {kv_heads} key/value heads; fix: use parallel.cp_variant=ring or a cp "
+            f"that divides both",
+        )
     _check(
         dims.tp == 1 or not cfg.parallel.sequence_parallel or cfg.data.seq_len % dims.tp == 0,
         f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={dims.tp} with sequence parallelism; "

@@ -87,6 +87,7 @@ class Trainer:
 
     def forward_backward(self, batches: list[Batch]) -> float:
         """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
+        batches = [self.engine.prepare_batch(b.to(self.device)) for b in batches]
         local_counts = torch.tensor(
             [int((b.labels != -100).sum()) for b in batches], dtype=torch.float64, device=self.device
         )
@@ -95,7 +96,6 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         for batch in batches:
-            batch = batch.to(self.device)
             micro_loss, _ = self.model(
                 batch.tokens,
                 labels_BS=batch.labels,
@@ -112,7 +112,7 @@ class Trainer:
         loss = self.forward_backward(batches)
         stats = self.engine.step()
         self.scheduler.step()
-        num_tokens = sum(b.num_tokens for b in batches) * self.dims.dp_size
+        num_tokens = self.train_loader.global_batch_size * batches[0].tokens.shape[1]
         return StepResult(
             loss=loss, grad_norm=stats.grad_norm, lr=lr, num_tokens=num_tokens, skipped=stats.skipped
         )
@@ -148,7 +148,7 @@ class Trainer:
             dp_size=self.dims.dp_size,
             num_batches=self.cfg.eval_batches,
         ):
-            batch = batch.to(self.device)
+            batch = self.engine.prepare_batch(batch.to(self.device))
             micro_loss, micro_count = self.model(
                 batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions, doc_ids_BS=batch.doc_ids
             )

@@ -136,9 +136,7 @@ def test_tp_that_does_not_divide_kv_heads_is_refused():
         validate(cfg, world_size=4)
 
 
-def test_context_parallel_is_refused_until_implemented():
-    cfg = load_config(["parallel.cp=2"])
-    with pytest.raises(
-        ValueError, match="parallel.cp=2 is validated but context parallelism is not implemented"
-    ):
-        validate(cfg, world_size=2)
+def test_ulysses_needs_heads_divisible_by_cp():
+    cfg = load_config(["parallel.cp=4", "parallel.cp_variant=ulysses", "data.seq_len=256"])
+    with pytest.raises(ValueError, match="parallel.cp_variant=ulysses splits heads over parallel.cp=4"):
+        validate(cfg, world_size=4)

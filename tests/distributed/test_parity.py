@@ -84,6 +84,9 @@ def test_reference_loss_falls(reference):
         pytest.param(2, ["parallel.tp=2"], id="tp2_sp"),
         pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=false"], id="tp2_no_sp"),
         pytest.param(4, ["parallel.tp=2"], id="dp2_tp2_sp"),
+        pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ring"], id="cp2_ring"),
+        pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ulysses"], id="cp2_ulysses"),
+        pytest.param(4, ["parallel.cp=2", "parallel.dp_shard=2"], id="dp2_cp2_ring"),
     ],
 )
 def test_layout_matches_single_process(world_size, overrides, reference, cache, tmp_path):
@@ -113,13 +116,15 @@ def test_untied_output_layer_under_tp(cache, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=RTOL, atol=0)
 
 
-def test_checkpoint_moves_from_fsdp4_to_fsdp2_x_tp2(reference, cache, tmp_path):
-    """DCP reshards between layouts: a step-6 checkpoint of dp_shard=4 resumed at dp_shard=2 × tp=2."""
+def test_checkpoint_moves_from_fsdp4_to_tp_and_cp_layouts(reference, cache, tmp_path):
+    """DCP reshards between layouts: a step-6 checkpoint of dp_shard=4 resumed at dp_shard=2 × tp=2 and at
+    dp_shard=2 × cp=2 continues with the losses of the straight single-process run."""
     ckpt = ["checkpoint.every=6", "checkpoint.keep_last=0", f"checkpoint.dir={tmp_path}/ckpt"]
     train(4, tmp_path / "a", cache, *ckpt)
-    shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
-    resumed = train(4, tmp_path / "b", cache, *ckpt, "checkpoint.resume=auto", "parallel.tp=2")
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[6:]), rtol=RTOL, atol=0)
+    for layout in (["parallel.tp=2"], ["parallel.cp=2"]):
+        shutil.rmtree(tmp_path / "ckpt" / "step_00000012")
+        resumed = train(4, tmp_path / "b", cache, *ckpt, "checkpoint.resume=auto", *layout)
+        torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[6:]), rtol=RTOL, atol=0)
 
 
 def _train_expecting_error(rank: int, world_size: int, overrides: list[str]) -> str:
