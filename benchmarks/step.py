@@ -2,6 +2,14 @@
 
     python benchmarks/step.py --recipe pretrain/llama3_1b --steps 50 --out benchmarks/results/step.jsonl
 
+Under torchrun it times one parallel layout instead (no peer), optionally profiling how much of the
+communication kernel time is not hidden behind compute, and appends a record to `--summary`;
+`--combine SUMMARY --baseline NAME` then writes the layouts' result lines against one of them:
+
+    torchrun --nproc_per_node=2 benchmarks/step.py --name fsdp2 --summary s.jsonl --profile parallel.dp_shard=2
+    torchrun --nproc_per_node=2 benchmarks/step.py --name tp2 --summary s.jsonl --profile parallel.tp=2
+    python benchmarks/step.py --combine s.jsonl --baseline fsdp2 --out benchmarks/results/step_parallel.jsonl
+
 Both sides train the same Llama shape on the same token batches (micro-batch × seq from treadle's loader,
 with the same gradient accumulation: `--global-batch` sequences per step), with AdamW, the recipe's LR
 schedule and global-norm clipping, in bf16 compute:
@@ -26,10 +34,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from treadle.models import get_model_spec
 from treadle.optim.builder import build_scheduler
-from treadle.train.build import build_trainer, process_group, select_device
+from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
 from treadle.train.config import TrainConfig, load_config, validate
 from treadle.train.metrics import peak_flops
 
@@ -54,6 +63,154 @@ def run_treadle(cfg: TrainConfig, steps: int, warmup: int) -> dict:
         seconds, losses = _timed(lambda: trainer.train_step().loss, steps, warmup)
         peak = torch.cuda.max_memory_allocated() / 2**30
     return {"seconds": seconds, "losses": losses, "peak_gib": peak, "batches": batches}
+
+
+def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float]:
+    """(communication kernel time, the part of it not overlapped by any compute kernel), in ms per step,
+    from the torch profiler's CUDA kernel timeline of this rank."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    comm, compute = [], []
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        interval = (event.time_range.start, event.time_range.end)
+        name = event.name.lower()
+        is_comm = "nccl" in name or "symm" in name or "cross_device" in name or "multimem" in name
+        (comm if is_comm else compute).append(interval)
+    total_comm = sum(end - start for start, end in _union(comm))
+    hidden = sum(end - start for start, end in _intersect(_union(comm), _union(compute)))
+    return total_comm / steps / 1e3, (total_comm - hidden) / steps / 1e3
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """Under torchrun: time one parallel layout, profile its communication, append a record (rank 0)."""
+    device = select_device("cuda")
+    dims = validate(cfg, world_size_from_env())
+    with process_group(device, "auto"):
+        trainer = build_trainer(cfg, dims, device)
+        torch.cuda.reset_peak_memory_stats()
+        seconds, losses = _timed(lambda: trainer.train_step().loss, args.steps, args.warmup)
+        comm_ms, exposed_ms = _exposed_communication_ms(trainer, 3) if args.profile else (None, None)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        if dist.get_rank() != 0:
+            return
+        flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, cfg.data.seq_len)
+        tokens_per_s = args.steps * cfg.trainer.global_batch_size * cfg.data.seq_len / seconds
+        per_device = tokens_per_s / dims.world_size
+        peak = peak_flops(device)
+        record = {
+            "name": args.name,
+            "seq_len": cfg.data.seq_len,
+            "world_size": dims.world_size,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "mfu": per_device * flops_per_token / peak if peak else None,
+            "comm_ms_per_step": comm_ms,
+            "exposed_comm_ms_per_step": exposed_ms,
+            "step_ms": seconds / args.steps * 1e3,
+            "peak_memory_gib": peak_gib,
+            "last_loss": losses[-1],
+            "device": torch.cuda.get_device_name(),
+        }
+        print(f"# {json.dumps(record)}", flush=True)
+        if args.summary:
+            with open(args.summary, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
+    """Turn layout records into DESIGN.md result lines, each layout against `baseline`; plus the longest
+    sequence that fitted per `fit:<group>:...` record group."""
+    records = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
+    by_name = {r["name"]: r for r in records}
+    base = by_name[baseline]
+    common = {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    lines = []
+    metrics = (
+        ("tokens_per_s", True),
+        ("mfu", True),
+        ("exposed_comm_ms_per_step", False),
+        ("peak_memory_gib", False),
+    )
+    for record in records:
+        if record["name"] == baseline or record["name"].startswith("fit:"):
+            continue
+        for metric, higher in metrics:
+            value, peer_value = record.get(metric), base.get(metric)
+            lines.append(
+                {
+                    "bench": "step",
+                    "case": f"{case}_{record['name']}",
+                    "metric": metric,
+                    "value": value,
+                    "peer": baseline,
+                    "peer_value": peer_value,
+                    "ratio": value / peer_value if value is not None and peer_value else None,
+                    "higher_is_better": higher,
+                    "device": record["device"],
+                    "world_size": record["world_size"],
+                    **common,
+                }
+            )
+    longest: dict[str, int] = {}
+    for record in records:
+        if record["name"].startswith("fit:"):
+            group = record["name"].split(":")[1]
+            longest[group] = max(longest.get(group, 0), record["seq_len"])
+    if len(longest) == 2:
+        (group, value), (peer, peer_value) = sorted(longest.items(), key=lambda kv: -kv[1])
+        lines.append(
+            {
+                "bench": "step",
+                "case": f"{case}_longest_sequence",
+                "metric": "longest_seq_len",
+                "value": value,
+                "peer": peer,
+                "peer_value": peer_value,
+                "ratio": value / peer_value,
+                "higher_is_better": True,
+                "layout": group,
+                "device": records[0]["device"],
+                **common,
+            }
+        )
+    for line in lines:
+        print(json.dumps(line))
+    if out:
+        with open(out, "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
@@ -134,8 +291,19 @@ def main() -> None:
         help="a treadle peer: the same run with these extra overrides (space-separated), e.g. --vs kernels=torch",
     )
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here as well as stdout")
+    parser.add_argument("--name", default="layout", help="under torchrun: the record's name")
+    parser.add_argument("--summary", type=Path, default=None, help="under torchrun: append the record here")
+    parser.add_argument(
+        "--profile", action="store_true", help="under torchrun: measure exposed communication"
+    )
+    parser.add_argument("--combine", type=Path, default=None, help="turn a --summary file into result lines")
+    parser.add_argument("--baseline", default=None, help="with --combine: the record the others compare to")
+    parser.add_argument("--case", default="llama3_1b", help="with --combine: case name prefix")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.micro_batch_size=4")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.baseline, args.case, args.out)
+        return
 
     run_dir = tempfile.mkdtemp(prefix="treadle_bench_")
     base = [
@@ -150,6 +318,9 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = load_config(base)
+    if world_size_from_env() > 1:
+        run_layout(args, cfg)
+        return
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(torch.device("cuda"))

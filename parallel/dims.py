@@ -31,6 +31,9 @@ class ParallelConfig:
     param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
     sequence_parallel: bool = True  # with tp > 1: shard activations on the sequence between blocks
+    # with tp > 1 on GPUs: torch's micro-pipelined (async) TP, which splits the all-gather/reduce-scatter around
+    # each TP matmul into chunks overlapped with the matmul through symmetric memory; needs parallel.compile.
+    async_tp: bool = False
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo

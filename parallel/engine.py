@@ -22,7 +22,7 @@ from treadle.parallel.cp import apply_cp, shard_batch
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_tp
+from treadle.parallel.tp import apply_tp, enable_async_tp
 from treadle.train.data import Batch
 
 
@@ -65,6 +65,8 @@ class NativeEngine:
         if self.dims.tp > 1:
             apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
             model.ops.loss = vocab_parallel_linear_cross_entropy
+            if self.cfg.async_tp:
+                enable_async_tp(self.dims.tp_mesh())
         if self.dims.cp > 1:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)

@@ -35,6 +35,18 @@ from torch.distributed.tensor.parallel import (
 )
 
 
+def enable_async_tp(tp_mesh: DeviceMesh) -> None:
+    """Turn on Inductor's micro-pipeline TP pass (Wang et al. 2022, "Overlap communication with dependent
+    computation via decomposition"): in compiled blocks, each all-gather → matmul and matmul →
+    reduce-scatter pair of sequence-parallel TP is decomposed into per-rank chunks exchanged through
+    symmetric memory while the chunk matmuls run. Requires CUDA and compiled blocks (checked in config)."""
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    inductor_config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Shard `model` (still on the meta device) over `tp_mesh` in place."""
     stream = Shard(1) if sequence_parallel else Replicate()

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from hydra.core.config_store import ConfigStore
 
 from treadle.memory.checkpointing import MemoryConfig
@@ -92,6 +93,20 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         f"data.seq_len={cfg.data.seq_len} must be divisible by 2 × parallel.cp = {2 * dims.cp} "
         f"(load-balanced causal sharding splits each sequence into 2·cp chunks)",
     )
+    if cfg.parallel.async_tp:
+        on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+        _check(
+            not on_cpu,
+            "parallel.async_tp=true needs CUDA GPUs (it exchanges matmul chunks through GPU symmetric memory) and "
+            "cannot run on the CPU; fix: set parallel.async_tp=false",
+        )
+        _check(
+            cfg.parallel.compile and cfg.parallel.sequence_parallel,
+            "parallel.async_tp=true is an Inductor pass over sequence-parallel TP: it needs parallel.compile=true "
+            "and parallel.sequence_parallel=true; fix: set both, or parallel.async_tp=false",
+        )
+        if dims.tp == 1:
+            warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=2)
     _check(
         cfg.parallel.cp_variant in CP_VARIANTS,
         f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",

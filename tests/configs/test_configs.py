@@ -140,3 +140,15 @@ def test_ulysses_needs_heads_divisible_by_cp():
     cfg = load_config(["parallel.cp=4", "parallel.cp_variant=ulysses", "data.seq_len=256"])
     with pytest.raises(ValueError, match="parallel.cp_variant=ulysses splits heads over parallel.cp=4"):
         validate(cfg, world_size=4)
+
+
+def test_async_tp_says_why_it_cannot_run_on_cpu():
+    cfg = load_config(["parallel.tp=2", "parallel.async_tp=true", "parallel.compile=true", "run.device=cpu"])
+    with pytest.raises(ValueError, match="parallel.async_tp=true needs CUDA GPUs"):
+        validate(cfg, world_size=2)
+
+
+def test_async_tp_needs_compile():
+    cfg = load_config(["parallel.tp=2", "parallel.async_tp=true", "run.device=cuda"])
+    with pytest.raises(ValueError, match="needs parallel.compile=true"):
+        validate(cfg, world_size=2)
