@@ -44,9 +44,10 @@ __all__ = [
 rmsnorm_reference = rmsnorm_torch
 
 # The widest rows kept whole in registers. Forward: a 16k-wide row in fp32 is 64 KiB per program (32 registers
-# a thread at 16 warps), so Llama-405B's model dim still fits. Backward holds four such rows (x, dy, w and
-# the dweight accumulator): past 8k that spills, and the two-sweep path (second sweep mostly from L2) wins.
-# Wider rows are streamed `_LOOP_BLOCK_E` columns at a time.
+# a thread at 16 warps), so Llama-405B's model dim still fits (~2990 GB/s at E = 16384 on an H100). Backward
+# holds four such rows (x, dy, w and the dweight accumulator): past 8k they alone need 128 registers a thread
+# at 16 warps, so wider rows take the two-sweep path, which reaches only ~1120 GB/s at E = 16384 against
+# ~2500 at 8192 (H100): the place to improve next. Wider rows are streamed `_LOOP_BLOCK_E` columns at a time.
 _MAX_FUSED_BLOCK_E = 16384
 _MAX_FUSED_BLOCK_E_BWD = 8192
 _LOOP_BLOCK_E = 4096
