@@ -57,6 +57,16 @@ def _index_interpreter_scalars() -> None:
 if INTERPRET:
     _index_interpreter_scalars()
 
+
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, use the default block configs: autotuning every variant here would take minutes of compiling.
+
+    `test_gpu_autotuned_matches_reference` turns autotuning back on.
+    """
+    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+
+
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (5e-3, 1e-2),
@@ -277,7 +287,6 @@ def test_rejects_unsupported_shapes(kwargs: dict, error: type[Exception]):
     ("seq_len", "num_heads", "num_kv_heads", "head_dim"), [(1024, 8, 2, 128), (777, 4, 4, 64)]
 )
 def test_gpu_matches_reference(
-    monkeypatch: pytest.MonkeyPatch,
     dtype: torch.dtype,
     causal: bool,
     seq_len: int,
@@ -285,7 +294,6 @@ def test_gpu_matches_reference(
     num_kv_heads: int,
     head_dim: int,
 ):
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
     q, k, v, dout = _inputs(2, seq_len, num_heads, num_kv_heads, head_dim, dtype)
     _check(q, k, v, dout, causal=causal)
 
@@ -293,8 +301,7 @@ def test_gpu_matches_reference(
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_documents_bf16(monkeypatch: pytest.MonkeyPatch, causal: bool):
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+def test_gpu_documents_bf16(causal: bool):
     seq_len = 2048
     lengths = [[300, 1, 700, 47, 1000], [2048], [1] * 64 + [1984]]
     q, k, v, dout = _inputs(3, seq_len, 8, 1, 128, torch.bfloat16)
@@ -304,9 +311,8 @@ def test_gpu_documents_bf16(monkeypatch: pytest.MonkeyPatch, causal: bool):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_gqa_small_grid(monkeypatch: pytest.MonkeyPatch, causal: bool):
+def test_gpu_gqa_small_grid(causal: bool):
     # 2 kv heads for 32 query heads at S = 1024: the dK/dV grid is split over the GQA groups.
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
     q, k, v, dout = _inputs(1, 1024, 32, 2, 128, torch.bfloat16)
     assert attention_bwd.kv_group_splits(1, 1024, 2, 16, q.device) > 1
     _check(q, k, v, dout, causal=causal, doc_ids_BS=_doc_ids(1024, [[100, 1, 923]]))
@@ -314,8 +320,7 @@ def test_gpu_gqa_small_grid(monkeypatch: pytest.MonkeyPatch, causal: bool):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_torch_compile_inductor(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+def test_gpu_torch_compile_inductor():
     q, k, v, dout = _inputs(2, 256, 4, 2, 64, torch.bfloat16)
 
     def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -332,14 +337,14 @@ def test_gpu_torch_compile_inductor(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_head_dim_256(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
+def test_gpu_head_dim_256():
     q, k, v, dout = _inputs(1, 513, 4, 2, 256, torch.bfloat16)
     _check(q, k, v, dout, causal=True)
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_autotuned_matches_reference():
+def test_gpu_autotuned_matches_reference(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "1")
     q, k, v, dout = _inputs(1, 2048, 8, 4, 128, torch.bfloat16)
     _check(q, k, v, dout, causal=True)
