@@ -33,40 +33,6 @@ DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device")
 
 
-def _index_interpreter_scalars() -> None:
-    """Let Triton 3.6's interpreter use runtime loop bounds under NumPy >= 2.4.
-
-    The interpreter stores scalars as 1-element arrays and `range()` calls int() on them, which NumPy 2.4
-    refuses (triton-lang/triton#9171, fixed upstream in #9172, after 3.6). The kernels' sweeps have runtime
-    bounds, so the one conversion is replaced; compiled (GPU) kernels are unaffected.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "treadle_index_fix", False):
-        return
-
-    def patch(tensor: type, scope: object) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch.treadle_index_fix = True
-    interpreter._patch_lang_tensor = patch
-
-
-if INTERPRET:
-    _index_interpreter_scalars()
-
-
-@pytest.fixture(autouse=True)
-def _fixed_configs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU, use the default block configs: autotuning every variant here would take minutes of compiling.
-
-    `test_gpu_autotuned_matches_reference` turns autotuning back on.
-    """
-    monkeypatch.setenv("TREADLE_ATTENTION_AUTOTUNE", "0")
-
-
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (5e-3, 1e-2),
