@@ -294,7 +294,7 @@ def _forward(
     x_NE = _rows(x, num_cols)
     res_NE = _rows(residual, num_cols) if residual is not None else x_NE
     if residual is not None:
-        h_NE = torch.empty(x_NE.shape, dtype=torch.result_type(x, residual), device=x.device)
+        h_NE = torch.empty(x_NE.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     else:
         h_NE = x_NE
     y_NE = torch.empty(x_NE.shape, dtype=torch.promote_types(h_NE.dtype, weight.dtype), device=x.device)

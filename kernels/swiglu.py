@@ -103,7 +103,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> tl.dtype:
 
 
 def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel() == 0:
         return out
     (gate_2d, up_2d, out_2d), num_rows, num_cols = _as_rows([gate, up, out])
