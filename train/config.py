@@ -78,7 +78,14 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     cfg.memory.validate()
     build_ops(cfg.kernels)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    model, trainer = cfg.model, cfg.trainer
+    _validate_parallel(cfg, dims)
+    _validate_training(cfg, dims)
+    return dims
+
+
+def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """Degrees against the model's shapes, the sequence length and the device."""
+    model = cfg.model
     _check(
         model.num_heads % dims.tp == 0 and model.num_kv_heads % dims.tp == 0,
         f"parallel.tp={dims.tp} must divide model.num_heads={model.num_heads} and model.num_kv_heads="
@@ -106,7 +113,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
             "and parallel.sequence_parallel=true; fix: set both, or parallel.async_tp=false",
         )
         if dims.tp == 1:
-            warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=2)
+            warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=3)
     _check(
         cfg.parallel.cp_variant in CP_VARIANTS,
         f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",
@@ -129,6 +136,11 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         f"model.vocab_size={model.vocab_size} must be divisible by parallel.tp={dims.tp} (the embedding and "
         f"output are sharded on the vocabulary); fix: pad model.vocab_size to a multiple of {dims.tp}",
     )
+
+
+def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """Batch arithmetic, data, schedule, logging and checkpoint settings."""
+    model, trainer = cfg.model, cfg.trainer
     _check(
         cfg.data.seq_len <= model.max_seq_len,
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
@@ -174,9 +186,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         warnings.warn(
             f"optim.schedule.warmup_steps={cfg.optim.schedule.warmup_steps} >= trainer.max_steps="
             f"{trainer.max_steps}: the run never leaves warmup",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return dims
 
 
 def load_config(overrides: list[str] | None = None) -> TrainConfig:
