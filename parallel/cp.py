@@ -84,11 +84,21 @@ class _Ring:
         self.send_to = dist.get_global_rank(group, (rank + 1) % size)
         self.recv_from = dist.get_global_rank(group, (rank - 1) % size)
 
-    def rotate(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.send_to, self.group) for t in tensors]
+    def start(self, tensors: list[torch.Tensor | None]) -> tuple[list, list[torch.Tensor | None]]:
+        """Post the sends and receives of one hop (None entries travel as None) and return at once, so the
+        caller computes on the current slice while the next one is in flight."""
+        present = [t for t in tensors if t is not None]
+        received = [torch.empty_like(t) for t in present]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.send_to, self.group) for t in present]
         ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group) for r in received]
-        for work in dist.batch_isend_irecv(ops):
+        works = dist.batch_isend_irecv(ops)
+        slots = iter(received)
+        return works, [None if t is None else next(slots) for t in tensors]
+
+    @staticmethod
+    def finish(pending: tuple[list, list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+        works, received = pending
+        for work in works:
             work.wait()
         return received
 
@@ -97,8 +107,9 @@ class RingAttention(torch.autograd.Function):
     """Causal attention of local queries over the key/values of every cp rank, passed around a ring.
 
     Forward communication: cp−1 hops of (k, v, document ids), each a send to rank+1 and a receive from
-    rank−1 in the cp group. Backward: cp hops of (k, v, document ids, dk, dv), so that each slice's
-    gradient accumulator returns to its owner. The per-block math is exact fp32 attention with a mask built
+    rank−1 in the cp group, posted before the block computes so that they overlap it. Backward: the same
+    cp−1 overlapped hops of (k, v, document ids), plus cp hops of the (dk, dv) accumulators after each
+    block, so that every slice's gradient returns to its owner. The per-block math is exact fp32 attention with a mask built
     from global token indices; memory per block is B·H·s², which suits CPUs and moderate s.
     """
 
@@ -115,6 +126,7 @@ class RingAttention(torch.autograd.Function):
         )
         k, v, doc = k_BsKD, v_BsKD, doc_BS
         for step in range(cp):
+            pending = ring.start([k, v, doc]) if step < cp - 1 else None
             src = (rank - step) % cp
             k_idx = load_balanced_indices(seq_len, cp, src, q_BsHD.device)
             k_e, v_e = (t.repeat_interleave(group_size, dim=2) for t in (k, v))
@@ -128,8 +140,8 @@ class RingAttention(torch.autograd.Function):
             old_weight = (lse - base).exp().transpose(1, 2)[..., None]
             new_weight = (block_lse - base).exp().transpose(1, 2)[..., None]
             out, lse = out * old_weight + block_out * new_weight, new_lse
-            if step < cp - 1:
-                k, v, doc = _rotate(ring, [k, v], doc)
+            if pending is not None:
+                k, v, doc = ring.finish(pending)
         ctx.save_for_backward(
             q_BsHD, k_BsKD, v_BsKD, doc_BS if doc_BS is not None else torch.empty(0), out, lse
         )
@@ -153,6 +165,8 @@ class RingAttention(torch.autograd.Function):
         dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         k_cur, v_cur, doc = k, v, doc_BS
         for step in range(cp):
+            # The key/value slice can travel on while this block computes; the accumulators cannot.
+            pending = ring.start([k_cur, v_cur, doc]) if step < cp - 1 else None
             src = (rank - step) % cp
             k_idx = load_balanced_indices(seq_len, cp, src, q.device)
             k_e, v_e = (t.repeat_interleave(group_size, dim=2).float() for t in (k_cur, v_cur))
@@ -165,18 +179,10 @@ class RingAttention(torch.autograd.Function):
             b, s = dk.shape[:2]
             dk_acc += dk.view(b, s, num_kv, group_size, -1).sum(3)
             dv_acc += dv.view(b, s, num_kv, group_size, -1).sum(3)
-            if step < cp - 1:
-                k_cur, v_cur, dk_acc, dv_acc, doc = _rotate(ring, [k_cur, v_cur, dk_acc, dv_acc], doc)
-            else:  # the last hop only returns the finished accumulators to their owner
-                dk_acc, dv_acc = ring.rotate([dk_acc, dv_acc])
+            dk_acc, dv_acc = ring.finish(ring.start([dk_acc, dv_acc]))
+            if pending is not None:
+                k_cur, v_cur, doc = ring.finish(pending)
         return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
-
-
-def _rotate(ring: _Ring, tensors: list[torch.Tensor], doc: torch.Tensor | None) -> list:
-    """One hop of `tensors` and of the document ids when there are any; returns [*tensors, doc or None]."""
-    if doc is None:
-        return [*ring.rotate(tensors), None]
-    return ring.rotate([*tensors, doc])
 
 
 def _seq_to_heads(x_BsXD: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.Tensor:
