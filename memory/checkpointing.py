@@ -1,31 +1,70 @@
-"""Activation checkpointing applied per transformer block (recompute the block's forward in backward)."""
+"""Activation checkpointing applied per transformer block: keep less in forward, recompute in backward.
+
+Modes (`memory.activation_checkpoint`):
+- none: keep every activation autograd saves.
+- full: keep only each block's input; the whole block is recomputed in backward (about one extra forward,
+  ~33% more FLOPs, for the least memory).
+- every_k: `full` on every `memory.ac_every`-th block only — a memory/compute dial between none and full.
+- selective: op-level (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4): the outputs of
+  matmuls and attention — expensive to recompute — are kept, while the cheap elementwise ops around them
+  (norms, RoPE, SwiGLU, residual adds) are recomputed, through torch's selective checkpoint API.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
+import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full")
+AC_MODES = ("none", "full", "every_k", "selective")
+
+# Ops whose outputs selective checkpointing keeps: matmuls and every SDPA backend, plus treadle's Triton
+# attention (its custom op, when registered), whose recomputation would cost as much as the forward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
 @dataclass(kw_only=True)
 class MemoryConfig:
-    # none: keep every activation; full: keep only each block's input and recompute the block in backward
-    # (saves activation memory at about one extra forward of compute, i.e. ~33% more FLOPs).
-    activation_checkpoint: str = "none"
+    activation_checkpoint: str = "none"  # none | full | every_k | selective (see memory/checkpointing.py)
+    ac_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
 
     def validate(self) -> None:
         if self.activation_checkpoint not in AC_MODES:
             raise ValueError(
                 f"memory.activation_checkpoint={self.activation_checkpoint!r} is not one of {AC_MODES}"
             )
+        if self.ac_every < 1:
+            raise ValueError(f"memory.ac_every={self.ac_every} must be >= 1")
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _SAVE_OPS or getattr(op, "namespace", None) == "treadle":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleDict, cfg: MemoryConfig) -> None:
-    """Wrap each block in place. Non-reentrant checkpointing: it composes with FSDP2 and torch.compile."""
-    if cfg.activation_checkpoint == "none":
+    """Wrap blocks in place. Non-reentrant checkpointing: it composes with FSDP2 and torch.compile."""
+    mode = cfg.activation_checkpoint
+    if mode == "none":
         return
-    for name, block in blocks.items():
-        blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+    for i, (name, block) in enumerate(blocks.items()):
+        if mode == "every_k" and i % cfg.ac_every:
+            continue
+        if mode == "selective":
+            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy)
+            blocks[name] = checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
+        else:
+            blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
