@@ -79,6 +79,8 @@ def test_reference_loss_falls(reference):
     [
         pytest.param(2, ["parallel=fsdp"], id="zero3_2ranks"),
         pytest.param(2, ["parallel=zero2"], id="zero2_2ranks"),
+        pytest.param(2, ["memory=selective_ac"], id="zero3_2ranks_selective_ac"),
+        pytest.param(2, ["memory=full_ac", "parallel.tp=2"], id="tp2_full_ac"),
         pytest.param(4, ["parallel=hsdp", "parallel.dp_replicate=2"], id="hsdp_2x2"),
         pytest.param(4, ["parallel=fsdp", "trainer.micro_batch_size=1"], id="zero3_4ranks_accum2"),
         pytest.param(2, ["parallel.tp=2"], id="tp2_sp"),
