@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from treadle.optim.config import SCHEDULES, OptimConfig, ScheduleConfig
+from treadle.optim.low_precision import LowPrecisionAdamW
 
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+# optim.name -> dtype of the stored AdamW moments; "adamw" is torch's own AdamW.
+OPTIMIZERS = {"adamw": "fp32", "adamw_bf16": "bf16", "adamw_fp8": "fp8"}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm weights and other 1-D parameters are not decayed)."""
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r} is not available; choose 'adamw'")
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={cfg.name!r} is not available; choose one of {tuple(OPTIMIZERS)}")
     if cfg.implementation not in IMPLEMENTATIONS:
         raise ValueError(f"optim.implementation={cfg.implementation!r} is not one of {IMPLEMENTATIONS}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -24,6 +28,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if cfg.name != "adamw":
+        if cfg.implementation != "auto":
+            warnings.warn(
+                f"optim.implementation={cfg.implementation!r} has no effect with optim.name={cfg.name!r}",
+                stacklevel=2,
+            )
+        return LowPrecisionAdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            state_dtype=OPTIMIZERS[cfg.name],
+            group_size=cfg.fp8_group_size,
+            dynamic_range_expansion=cfg.fp8_dynamic_range_expansion,
+        )
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
