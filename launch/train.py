@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from treadle.train import preemption
 from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
 from treadle.train.config import CONFIG_DIR, TrainConfig, register_configs, validate
 
@@ -22,11 +23,15 @@ def main(raw: DictConfig) -> None:
     except (ValueError, OmegaConfBaseException) as err:
         sys.exit(f"config error: {err}")
     device = select_device(cfg.run.device)
-    with process_group(device, cfg.parallel.backend):
-        trainer = build_trainer(cfg, dims, device)
-        if trainer.dims.mesh.get_rank() == 0:
-            print(OmegaConf.to_yaml(raw, resolve=True), flush=True)
-        trainer.fit()
+    try:
+        with preemption.stop_on_signals(), process_group(device, cfg.parallel.backend):
+            trainer = build_trainer(cfg, dims, device)
+            if trainer.dims.mesh.get_rank() == 0:
+                print(OmegaConf.to_yaml(raw, resolve=True), flush=True)
+            trainer.fit()
+    except preemption.Preempted as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.engine import Engine
+from treadle.train import preemption
 from treadle.train.checkpoint import CheckpointManager
 from treadle.train.config import TrainerConfig
 from treadle.train.data import Batch, StepLoader, eval_batches
@@ -182,6 +183,8 @@ class Trainer:
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                     self._log_eval()
                 self.checkpointer.maybe_save(self.step, self.app_state())
+            if preemption.requested(self.device):  # SIGUSR1/SIGTERM on any rank: all stop at this step
+                preemption.stop(self)  # saves this step's checkpoint, raises Preempted
         if not self.cfg.eval_every or self.cfg.max_steps % self.cfg.eval_every:
             self._log_eval()
         self.checkpointer.maybe_save(self.step, self.app_state(), final=True)
