@@ -102,7 +102,6 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     trainer_kwargs = dict(
         engine=engine,
         model=model,
-        optimizer=optimizer,
         scheduler=scheduler,
         train_loader=loader,
         val_dataset=val_data,

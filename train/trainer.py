@@ -44,7 +44,6 @@ class Trainer:
         *,
         engine: Engine,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         train_loader: StepLoader,
         val_dataset: Any,
@@ -54,7 +53,7 @@ class Trainer:
         metric_logger: MetricLogger,
         flops_per_token: float,
     ):
-        self.cfg, self.engine, self.model, self.optimizer = cfg, engine, model, optimizer
+        self.cfg, self.engine, self.model = cfg, engine, model
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.dims, self.device = dims, device
         self.checkpointer, self.metric_logger, self.flops_per_token = (
