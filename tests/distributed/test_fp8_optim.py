@@ -15,27 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _spawn import run_distributed
-from test_parity import BASE, STEPS
-
-from treadle.train.build import build_trainer
-from treadle.train.config import load_config, validate
+from test_parity import STEPS
+from test_parity import train as train_run
 
 pytestmark = pytest.mark.slow
 FP8 = ["optim=adamw_fp8"]
 RTOL = 1e-3
 
 
-def _train(rank: int, world_size: int, overrides: list[str]) -> list[float]:
-    cfg = load_config(BASE + overrides)
-    dims = validate(cfg, world_size)
-    trainer = build_trainer(cfg, dims, torch.device("cpu"))
-    return trainer.fit()
-
-
 def train(world_size: int, run_dir: Path, cache: Path, *overrides: str) -> list[float]:
-    args = [f"run.dir={run_dir}", f"data.cache_dir={cache}", *FP8, *overrides]
-    return run_distributed(_train, world_size, args)[0]
+    return train_run(world_size, run_dir, cache, *FP8, *overrides)
 
 
 @pytest.fixture(scope="module")
