@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from _results import emit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from treadle.kernels.attention import attention_op
@@ -151,13 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA device")
-    lines = []
-    for row in cases(args):
-        lines.append(json.dumps(row))
-        print(lines[-1], flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    emit(cases(args), args.out)
 
 
 if __name__ == "__main__":

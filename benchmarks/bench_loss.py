@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from _results import emit, triton_version
 
 from treadle.kernels import linear_cross_entropy as lce
 from treadle.models.ops import linear_cross_entropy_torch
@@ -183,7 +184,7 @@ def cases(args: argparse.Namespace | None = None) -> Iterator[dict]:
     common = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "date": datetime.date.today().isoformat(),
     }
     for metric in ("fwd_bwd_ms", "peak_memory_gib", "fwd_nograd_ms"):
@@ -203,15 +204,6 @@ def cases(args: argparse.Namespace | None = None) -> Iterator[dict]:
             }
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -227,12 +219,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here (replacing it) too")
     args = parser.parse_args()
-    lines = list(cases(args))
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    if args.out and lines:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    emit(cases(args), args.out)
 
 
 if __name__ == "__main__":

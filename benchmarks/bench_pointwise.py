@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+from _results import emit
 
 from treadle.kernels.rmsnorm import rmsnorm_op, rmsnorm_residual, rmsnorm_residual_reference
 from treadle.kernels.rope import rope_op
@@ -256,13 +256,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_pointwise needs a CUDA device")
-    lines = []
-    for row in cases(args):
-        lines.append(json.dumps(row))
-        print(lines[-1], flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    emit(cases(args), args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ measured in the same process; lines are printed and, with --results-dir, written
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # noqa: E402
 import bench_loss  # noqa: E402
 import bench_pointwise  # noqa: E402
+from _results import emit, write_lines  # noqa: E402
 
 MODULES = {"attention": bench_attention, "pointwise": bench_pointwise, "loss": bench_loss}
 
@@ -33,13 +33,11 @@ def main() -> None:
     args = parser.parse_args()
     by_bench: dict[str, list[dict]] = defaultdict(list)
     for name in args.only:
-        for line in MODULES[name].cases(argparse.Namespace()):
-            print(json.dumps(line), flush=True)
+        for line in emit(MODULES[name].cases(argparse.Namespace())):
             by_bench[line["bench"]].append(line)
     if args.results_dir:
-        args.results_dir.mkdir(parents=True, exist_ok=True)
         for bench, lines in by_bench.items():
-            (args.results_dir / f"{bench}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            write_lines(lines, args.results_dir / f"{bench}.jsonl")
 
 
 if __name__ == "__main__":

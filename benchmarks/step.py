@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _results import emit, triton_version
 
 from treadle.models import get_model_spec
 from treadle.optim.builder import build_scheduler
@@ -154,7 +155,7 @@ def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
     base = by_name[baseline]
     common = {
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "date": datetime.date.today().isoformat(),
     }
     lines = []
@@ -206,11 +207,7 @@ def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
                 **common,
             }
         )
-    for line in lines:
-        print(json.dumps(line))
-    if out:
-        with open(out, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+    emit(lines, out, append=True)
 
 
 def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
@@ -358,7 +355,7 @@ def main() -> None:
     common = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "date": datetime.date.today().isoformat(),
         "steps": args.steps,
         "world_size": 1,
@@ -388,21 +385,8 @@ def main() -> None:
                     **common,
                 }
             )
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
+    # Appended: one results file collects several invocations (cases, global batches) of one run.
+    emit(lines, args.out, append=True)
 
 
 if __name__ == "__main__":
