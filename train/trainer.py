@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from treadle.models.ops import IGNORE_INDEX
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.engine import Engine
 from treadle.train import preemption
@@ -88,10 +89,9 @@ class Trainer:
     def forward_backward(self, batches: list[Batch]) -> float:
         """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
         batches = [self.engine.prepare_batch(b.to(self.device)) for b in batches]
-        local_counts = torch.tensor(
-            [int((b.labels != -100).sum()) for b in batches], dtype=torch.float64, device=self.device
-        )
-        global_count = self._all_reduce_sum(local_counts.sum().clone()).clamp(min=1)
+        # Counted on the device: an int() per micro-batch would stall the host on a GPU every time.
+        local_count = sum((b.labels != IGNORE_INDEX).sum(dtype=torch.float64) for b in batches)
+        global_count = self._all_reduce_sum(local_count).clamp(min=1)
         scale = self.loss_group.size() / global_count
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
