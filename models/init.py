@@ -33,15 +33,23 @@ def _stream(seed: int, name: str, device: torch.device) -> torch.Generator:
 
 
 @torch.no_grad()
-def fill_(param: torch.Tensor, name: str, seed: int, *, std: float | None, truncate: float = 3.0) -> None:
-    """Fill `param` with N(0, std^2) truncated at ±truncate·std, or with ones when `std` is None.
+def fill_(
+    param: torch.Tensor,
+    name: str,
+    seed: int,
+    *,
+    std: float | None,
+    constant: float = 1.0,
+    truncate: float = 3.0,
+) -> None:
+    """Fill `param` with N(0, std^2) truncated at ±truncate·std, or with `constant` when `std` is None.
 
     Draws in fp32 and casts, so the values do not depend on the parameter's storage dtype either.
     """
     is_dtensor = isinstance(param, DTensor)
     local = param.to_local() if is_dtensor else param
     if std is None:
-        local.fill_(1.0)
+        local.fill_(constant)
         return
     full = torch.empty(param.shape, dtype=torch.float32, device=local.device)
     torch.nn.init.trunc_normal_(

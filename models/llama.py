@@ -48,10 +48,20 @@ class ModelConfig:
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Per-head size when it is not dim / num_heads (Qwen3, Mistral-Nemo set it explicitly).
+    attention_head_dim: int | None = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    # Attention window of a pretrained model (Mistral v0.1); runs keep data.seq_len within it, where windowed
+    # attention equals full causal attention (windowed attention itself is not implemented).
+    sliding_window: int | None = None
+    # A local Hugging Face model directory: its config.json sets the shape fields above and its safetensors
+    # are the initial weights (see `models.hf`).
+    pretrained: str | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.attention_head_dim or self.dim // self.num_heads
 
     @property
     def hidden_dim(self) -> int:
@@ -63,7 +73,7 @@ class ModelConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     def validate(self) -> None:
-        if self.dim % self.num_heads:
+        if self.attention_head_dim is None and self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -107,10 +117,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ops) if cfg.qk_norm else None
         self.ops = ops
 
     def forward(
@@ -125,6 +137,8 @@ class Attention(nn.Module):
         q_BSHD = self.q_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
         k_BSKD = self.k_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
         v_BSKD = self.v_proj(x_BSE).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
         q_BSHD, k_BSKD = self.ops.rope(q_BSHD, k_BSKD, cos_BSD, sin_BSD)
         out_BSHD = self.ops.attention(q_BSHD, k_BSKD, v_BSKD, causal=True, doc_ids_BS=doc_ids_BS)
         return self.o_proj(out_BSHD.reshape(batch, seq_len, -1))
@@ -190,8 +204,11 @@ class Llama(nn.Module):
         self.inv_freq.copy_(rope_frequencies(self.cfg, device=self.inv_freq.device))
         std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            if name.endswith(("norm.weight", "layernorm.weight")):
                 fill_(param, name, seed, std=None)
+            elif name.endswith((".bias", "lora_B.weight")):
+                # LoRA's B starts at zero so that the adapted model starts as the base model (Hu et al. 2021 §4.1).
+                fill_(param, name, seed, std=None, constant=0.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 fill_(param, name, seed, std=depth_std)
             else:
