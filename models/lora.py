@@ -12,8 +12,13 @@ gradients; the optimizer, the gradient clipping and the checkpoints see only tho
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,8 +94,13 @@ class LoRALinear(nn.Linear):
             # The base lives in buffers (which FSDP leaves unsharded) instead of the parameter `weight`.
             numel = self.in_features * self.out_features
             del self.weight
-            self.register_buffer("weight_nf4", torch.empty(numel // 2, dtype=torch.uint8, device="meta"))
-            self.register_buffer("weight_absmax", torch.empty(numel // cfg.nf4_block_size, device="meta"))
+            # Not persistent: checkpoints hold the adapters, and the base is re-read from model.pretrained.
+            self.register_buffer(
+                "weight_nf4", torch.empty(numel // 2, dtype=torch.uint8, device="meta"), persistent=False
+            )
+            self.register_buffer(
+                "weight_absmax", torch.empty(numel // cfg.nf4_block_size, device="meta"), persistent=False
+            )
             self.nf4_block_size = cfg.nf4_block_size
 
     @property
@@ -169,6 +179,22 @@ def finish_adapters(model: nn.Module, dense_bases: dict[str, torch.Tensor] | Non
             local.copy_(_layout_like(norms, magnitude))
 
 
+def random_quantized_bases(model: nn.Module, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+    """Full random base weights for NF4 layers of a model without pretrained weights (benchmarks, tests), drawn
+    from the same per-name streams and scales as `Llama.init_weights` would use for a dense base."""
+    from treadle.models.init import canonical_name, fill_
+
+    bases: dict[str, torch.Tensor] = {}
+    depth_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.quantized:
+            full = torch.empty(module.base_shape, device=module.weight_nf4.device)
+            std = depth_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+            fill_(full, canonical_name(f"{name}.weight"), seed, std=std)
+            bases[name] = full
+    return bases
+
+
 def merged_weight(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -193,3 +219,52 @@ def adapter_state(model: nn.Module) -> dict[str, Any]:
             full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
             out[canonical_name(name)] = full.cpu()
     return out
+
+
+def peft_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, Any]:
+    """The `adapter_config.json` that `peft.PeftModel.from_pretrained` reads for these adapters."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets()),
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def export_peft(
+    model: nn.Module, cfg: PeftConfig, out_dir: str | Path, *, base_model: str | None
+) -> Path | None:
+    """Write the adapters as a PEFT directory (adapter_config.json + adapter_model.safetensors), atomically.
+
+    Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from treadle.models.hf import hf_name
+
+    state = adapter_state(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out_dir = Path(out_dir).expanduser()
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    tensors = {f"base_model.model.{hf_name(name)}": t.contiguous() for name, t in state.items()}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(
+        json.dumps(peft_adapter_config(cfg, base_model), indent=2) + "\n"
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
+from treadle.models.init import canonical_name
 from treadle.optim.builder import build_optimizer
 from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
@@ -32,9 +34,13 @@ class StepStats:
     skipped: bool
 
 
+# Fills a materialised model's parameters (e.g. from Hugging Face weights) after the default initialisation.
+WeightLoader = Callable[[nn.Module], None]
+
+
 class Engine(Protocol):
     def prepare(
-        self, model: nn.Module, optim_cfg: OptimConfig
+        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
     ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> StepStats: ...
@@ -59,9 +65,13 @@ class NativeEngine:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.clip_grad_norm = 0.0
+        self.has_frozen = False
 
-    def prepare(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Apply plans to a meta-device model, materialise it on `device`, and build its optimizer."""
+    def prepare(
+        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Apply plans to a meta-device model, materialise it on `device` (initialised, then `load_weights`),
+        and build its optimizer over the parameters that require gradients."""
         if self.dims.tp > 1:
             apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
             model.ops.loss = vocab_parallel_linear_cross_entropy
@@ -76,6 +86,10 @@ class NativeEngine:
         apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device)
         model.to_empty(device=self.device)
         model.init_weights(self.seed)
+        if load_weights is not None:
+            load_weights(model)
+        # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
         self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
         self.optimizer = build_optimizer(model, optim_cfg, self.device)
         return model, self.optimizer
@@ -103,7 +117,8 @@ class NativeEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        options = StateDictOptions(ignore_frozen_params=self.has_frozen)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -112,8 +127,16 @@ class NativeEngine:
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
-            options=StateDictOptions(strict=True),
+            options=StateDictOptions(strict=not self.has_frozen, ignore_frozen_params=self.has_frozen),
         )
+        if self.has_frozen:
+            trainable = {canonical_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(state_dict["model"]))
+            if missing:
+                raise ValueError(
+                    f"checkpoint.resume: the checkpoint lacks trainable parameters {missing[:3]} (of {len(missing)}); "
+                    "it was saved with other peft settings (peft.method, peft.target_modules, peft.use_dora)"
+                )
 
 
 def build_engine(

@@ -28,10 +28,15 @@ def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:
+    param_dtype = resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype")
     mp_policy = MixedPrecisionPolicy(
-        param_dtype=resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype"),
-        reduce_dtype=resolve_dtype(cfg.reduce_dtype, device, "parallel.reduce_dtype"),
+        param_dtype=param_dtype, reduce_dtype=resolve_dtype(cfg.reduce_dtype, device, "parallel.reduce_dtype")
     )
+    # Frozen parameters (a LoRA base) are never updated, so an fp32 master copy of them would only cost memory:
+    # they are stored in the compute dtype. FSDP2 requires one dtype only among the trainable parameters.
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(param_dtype)
     # With one rank on the shard axis there is nothing to free: resharding would only repeat the copy.
     reshard = cfg.reshard_after_forward and mesh.size(mesh.ndim - 1) > 1
     blocks = list(model.layers.values())

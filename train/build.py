@@ -16,9 +16,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from treadle.models import get_model_spec
+from treadle.models.hf import load_hf_weights
+from treadle.models.lora import apply_lora, finish_adapters, random_quantized_bases
 from treadle.optim.builder import build_scheduler
 from treadle.parallel.dims import ParallelDims
-from treadle.parallel.engine import build_engine
+from treadle.parallel.engine import WeightLoader, build_engine
 from treadle.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from treadle.train.config import TrainConfig
 from treadle.train.data import StepLoader, build_datasets, prepare_data
@@ -63,6 +65,22 @@ def process_group(device: torch.device, backend: str):
         dist.destroy_process_group()
 
 
+def weight_loader(cfg: TrainConfig) -> WeightLoader | None:
+    """What fills the model after its default initialisation: the pretrained weights, and the adapters' own
+    set-up (NF4 bases quantized, DoRA magnitudes from the base norms)."""
+    if cfg.model.pretrained is None and cfg.peft.method == "none":
+        return None
+
+    def load(model: torch.nn.Module) -> None:
+        if cfg.model.pretrained is not None:
+            load_hf_weights(model, cfg.model.pretrained)
+            finish_adapters(model)
+        else:
+            finish_adapters(model, random_quantized_bases(model, cfg.model, cfg.trainer.seed))
+
+    return load
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
@@ -85,8 +103,10 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     spec = get_model_spec(cfg.model.name)
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
+    if cfg.peft.method == "lora":
+        apply_lora(model, cfg.peft)
     engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed)
-    model, optimizer = engine.prepare(model, cfg.optim)
+    model, optimizer = engine.prepare(model, cfg.optim, weight_loader(cfg))
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(
         train_data,
@@ -97,7 +117,9 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         seed=cfg.trainer.seed,
         shuffle=cfg.data.shuffle,
     )
-    checkpointer = CheckpointManager(cfg.checkpoint, rank=rank, world_size=dims.world_size)
+    # A checkpoint of adapters names the base it adapts (the base itself is not saved again).
+    base = {"base_model": cfg.model.pretrained, "peft": cfg.peft.method} if cfg.peft.method != "none" else {}
+    checkpointer = CheckpointManager(cfg.checkpoint, rank=rank, world_size=dims.world_size, metadata=base)
     flops_per_token = spec.flops_per_token(cfg.model, cfg.data.seq_len)
     trainer_kwargs = dict(
         engine=engine,
@@ -124,8 +146,12 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     if resume_from is not None:
         checkpointer.load(resume_from, trainer.app_state())
     num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
+    source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     trainer.metric_logger.message(
-        f"model {cfg.model.name}: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e9:.3f} GFLOP/token; "
+        f"model {cfg.model.name}{source}: {num_params / 1e6:.2f}M parameters{trainable}, "
+        f"{flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} "
         f"× tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
         + (f"; resumed from {resume_from} at step {trainer.step}" if resume_from else "")

@@ -108,7 +108,9 @@ class CheckpointManager:
     same arguments (the trainer's step loop guarantees this).
     """
 
-    def __init__(self, cfg: CheckpointConfig, *, rank: int, world_size: int):
+    def __init__(
+        self, cfg: CheckpointConfig, *, rank: int, world_size: int, metadata: dict[str, Any] | None = None
+    ):
         if cfg.every < 0:
             raise ValueError(f"checkpoint.every={cfg.every} must be >= 0; fix: 0 turns periodic saves off")
         if cfg.keep_last < 0:
@@ -121,6 +123,7 @@ class CheckpointManager:
                 f"{dist.get_rank()}/{dist.get_world_size()}"
             )
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.metadata = dict(metadata or {})  # recorded in every checkpoint's marker
         self.root = Path(cfg.dir)
         self._last_saved_step: int | None = None
         self._pending: tuple[int, Future[Any]] | None = None
@@ -201,6 +204,7 @@ class CheckpointManager:
             "world_size": self.world_size,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__,
+            **self.metadata,
         }
         with open(tmp / COMPLETE_MARKER, "w") as f:
             json.dump(marker, f, indent=2)
@@ -266,6 +270,12 @@ class CheckpointManager:
             step, saved_world_size = int(marker["step"]), int(marker["world_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} ({e}); {fix}") from e
+        if "base_model" in self.metadata and marker.get("base_model") != self.metadata["base_model"]:
+            raise ValueError(
+                f"checkpoint {path} holds adapters for base model {marker.get('base_model')!r}, but this run's "
+                f"model.pretrained is {self.metadata['base_model']!r}; fix: set model.pretrained to the base the "
+                f"adapters were trained on, or {fix.removeprefix('fix: ')}"
+            )
         try:
             dcp.load(app_state, checkpoint_id=str(path))
         # CheckpointException (DCP's failure on any rank, raised on all of them) is a BaseException.

@@ -12,7 +12,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from treadle.memory.checkpointing import MemoryConfig
+from treadle.models.hf import model_config_from_hf
 from treadle.models.llama import ModelConfig
+from treadle.models.lora import PeftConfig
 from treadle.models.ops import KernelsConfig, build_ops
 from treadle.optim.config import SCHEDULES, OptimConfig
 from treadle.parallel.cp import CP_VARIANTS
@@ -57,6 +59,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -73,8 +76,14 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """Check every rule that spans components; returns the validated topology. Raises ValueError naming the
-    keys and the fix. Runs on every rank before any process group is created."""
+    keys and the fix. Runs on every rank before any process group is created.
+
+    With `model.pretrained` set, the model's shape fields are replaced by the directory's config.json first.
+    """
+    if cfg.model.pretrained is not None:
+        cfg.model = model_config_from_hf(cfg.model)
     cfg.model.validate()
+    cfg.peft.validate()
     cfg.memory.validate()
     build_ops(cfg.kernels)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
@@ -114,6 +123,17 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         )
         if dims.tp == 1:
             warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=3)
+    _check(
+        cfg.peft.method == "none" or dims.tp == 1,
+        f"peft.method={cfg.peft.method} with parallel.tp={dims.tp}: adapters under tensor parallelism are not "
+        "supported; fix: parallel.tp=1 (FSDP still shards the frozen base over all ranks)",
+    )
+    _check(
+        model.sliding_window is None or cfg.data.seq_len <= model.sliding_window,
+        f"data.seq_len={cfg.data.seq_len} exceeds the pretrained model's attention window "
+        f"model.sliding_window={model.sliding_window}, and windowed attention is not implemented; "
+        f"fix: data.seq_len <= {model.sliding_window}",
+    )
     _check(
         cfg.parallel.cp_variant in CP_VARIANTS,
         f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",
@@ -165,7 +185,7 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"optim.schedule.name={cfg.optim.schedule.name!r} is not one of {SCHEDULES}",
     )
     validate_data_config(cfg.data)
-    if cfg.data.source in ("tokens", "hf"):
+    if cfg.data.source in ("tokens", "hf", "chat"):
         _check(
             Path(cfg.data.path).expanduser().exists(),
             f"data.path={cfg.data.path} does not exist; fix: point data.path at the "

@@ -31,19 +31,23 @@ from treadle.train.corpus import (
     ensure_stdlib_tokens,
     read_token_meta,
 )
-from treadle.train.tokenizer import load_tokenizer
+from treadle.train.tokenizer import BYTE_TOKENIZER, HFTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("stdlib", "tokens", "hf")
+SOURCES = ("stdlib", "tokens", "hf", "chat")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib | tokens | hf
-    path: str | None = None  # tokens: the .bin file; hf: a .jsonl/.json/.parquet file or a directory of them
+    source: str = "stdlib"  # stdlib | tokens | hf | chat (SFT conversations, see `treadle.train.sft`)
+    path: str | None = None  # tokens: the .bin file; hf, chat: a .jsonl/.json/.parquet file or a directory
     tokenizer: str = "byte"  # "byte" (built in) or a path to a Hugging Face tokenizer.json
     text_field: str = "text"  # hf: the field holding the document text
+    messages_field: str = "messages"  # chat: the field holding the list of {role, content} messages
+    chat_template: str | None = (
+        None  # chat: model directory whose chat template renders them (default: tokenizer's)
+    )
     token_dtype: str = "auto"  # tokens without a .json sidecar: uint16 | uint32 (auto = read sidecar)
     eos_id: int | None = None  # tokens without a sidecar: the document separator id
     seq_len: int = 256
@@ -57,7 +61,12 @@ def validate_data_config(cfg: DataConfig) -> None:
     """Single-key checks; raises ValueError naming the key and the fix."""
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
-    if cfg.source in ("tokens", "hf") and not cfg.path:
+    if cfg.source == "chat" and cfg.tokenizer == BYTE_TOKENIZER:
+        raise ValueError(
+            "data.source=chat needs the model's Hugging Face tokenizer and chat template; set data.tokenizer to the "
+            "model directory (or its tokenizer.json)"
+        )
+    if cfg.source in ("tokens", "hf", "chat") and not cfg.path:
         what = (
             "the .bin token file" if cfg.source == "tokens" else "a .jsonl/.json/.parquet file or a directory"
         )
@@ -282,11 +291,54 @@ def tokenizer_vocab_size(cfg: DataConfig) -> int | None:
     return load_tokenizer(cfg.tokenizer, eos_id=cfg.eos_id).vocab_size
 
 
+def _sft_cache(cfg: DataConfig) -> tuple[Path, HFTokenizer]:
+    from treadle.train.sft import ensure_sft_tokens
+
+    assert cfg.path is not None
+    tokenizer = load_tokenizer(cfg.tokenizer, eos_id=cfg.eos_id)
+    assert isinstance(tokenizer, HFTokenizer)
+    template = cfg.chat_template or str(tokenizer.path.parent)
+    cache = ensure_sft_tokens(
+        cfg.path,
+        field=cfg.messages_field,
+        cache_dir=cfg.cache_dir,
+        tokenizer=tokenizer,
+        chat_template=template,
+    )
+    return cache, tokenizer
+
+
 def prepare_data(cfg: DataConfig) -> None:
     """Build any cache (stdlib corpus, hf tokenization); idempotent and atomic. The trainer calls it on local rank 0
     before a barrier, then every rank calls build_datasets."""
     validate_data_config(cfg)
-    _token_file(cfg)
+    if cfg.source == "chat":
+        _sft_cache(cfg)
+    else:
+        _token_file(cfg)
+
+
+def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
+    from treadle.train.sft import PackedConversations
+
+    cache, tokenizer = _sft_cache(cfg)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r} has a vocabulary of {tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={vocab_size}; use the model's own tokenizer"
+        )
+    common = {"seq_len": cfg.seq_len, "pad_id": tokenizer.eos_id}
+    num_rows = len(PackedConversations(cache, **common))
+    num_val = max(1, math.ceil(num_rows * cfg.val_fraction - 1e-9)) if cfg.val_fraction > 0 else 0
+    if num_rows - num_val < 1:
+        raise ValueError(
+            f"data.val_fraction={cfg.val_fraction} leaves no training rows: {cfg.path} packs into {num_rows} rows "
+            f"of data.seq_len={cfg.seq_len}; lower data.val_fraction or use more conversations"
+        )
+    train = PackedConversations(cache, first_row=0, num_rows=num_rows - num_val, **common)
+    val = PackedConversations(cache, first_row=num_rows - num_val, num_rows=num_val, **common)
+    logger.info("data: %s: %d train / %d val rows of %d tokens", cache, len(train), len(val), cfg.seq_len)
+    return train, val
 
 
 def _check_vocab(cfg: DataConfig, meta: TokenFileMeta, path: Path, vocab_size: int) -> None:
@@ -310,6 +362,8 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     A token file without a sidecar has no recorded vocabulary; its ids are trusted to fit model.vocab_size.
     """
     validate_data_config(cfg)
+    if cfg.source == "chat":
+        return _chat_datasets(cfg, vocab_size)
     path, meta = _token_file(cfg)
     _check_vocab(cfg, meta, path, vocab_size)
     if cfg.document_mask and meta.eos_id is None:
