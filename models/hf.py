@@ -111,10 +111,10 @@ def model_config_from_hf(base: ModelConfig) -> ModelConfig:
     _, qkv_bias, qk_norm = ARCHITECTURES[config["architectures"][0]]
     for field, allowed in (
         ("hidden_act", ("silu",)),
-        ("attention_bias", (False, None)),
-        ("mlp_bias", (False, None)),
+        ("attention_bias", (False,)),
+        ("mlp_bias", (False,)),
     ):
-        if config.get(field) not in allowed and not (field == "attention_bias" and qkv_bias):
+        if config.get(field, allowed[0]) not in allowed and not (field == "attention_bias" and qkv_bias):
             raise _fail(path, field, f"{config.get(field)!r} is not supported", f"supported: {allowed}")
     if qk_norm and config.get("attention_bias"):
         raise _fail(path, "attention_bias", "true is not supported for Qwen3", "supported: false")

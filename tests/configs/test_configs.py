@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from treadle.models import get_model_spec
+from treadle.models.lora import apply_lora
 from treadle.train.config import CONFIG_DIR, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,14 +23,67 @@ def test_the_required_recipes_exist():
     assert {"debug/tiny", "pretrain/llama3_1b", "pretrain/llama3_8b"} <= set(RECIPES)
 
 
+# config.json of the real models the fine-tuning recipes name (shapes only: nothing is loaded on meta).
+HF_SHAPES = {
+    "llama3_8b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                  "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 36,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+              "vocab_size": 151936, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+}  # fmt: skip
+
+
+def finetune_overrides(recipe: str, tmp_path) -> list[str]:
+    """A model directory with the recipe's model shape, a tokenizer and a chat file, for recipes that need them."""
+    if not recipe.startswith("finetune/"):
+        return []
+    from treadle.models.debug import chat_examples, write_chats, write_tokenizer
+
+    model_dir = tmp_path / "model"
+    write_tokenizer(model_dir, ["hello world"])
+    shape = HF_SHAPES["qwen3" if "qwen3" in recipe else "llama3_8b"]
+    if recipe.endswith("debug_lora"):
+        shape = {
+            **shape,
+            "hidden_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 256,
+            "vocab_size": 320,
+        }
+        shape.pop("head_dim", None)
+    (model_dir / "config.json").write_text(__import__("json").dumps(shape))
+    write_chats(tmp_path / "chats.jsonl", chat_examples(2))
+    return [f"model.pretrained={model_dir}", f"data.path={tmp_path / 'chats.jsonl'}"]
+
+
+def test_the_finetuning_recipes_exist():
+    expected = {
+        "finetune/llama3_8b_lora",
+        "finetune/llama3_8b_qlora",
+        "finetune/qwen3_full",
+        "finetune/debug_lora",
+    }
+    assert expected <= set(RECIPES)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_composes_validates_and_builds_on_meta(recipe):
-    cfg = load_config([f"+config={recipe}"])
+def test_recipe_composes_validates_and_builds_on_meta(recipe, tmp_path):
+    cfg = load_config([f"+config={recipe}", *finetune_overrides(recipe, tmp_path)])
     world = cfg.parallel.dp_replicate * max(cfg.parallel.dp_shard, 1) * cfg.parallel.cp * cfg.parallel.tp
     validate(cfg, world_size=world * 8 if recipe.startswith("pretrain") else world)
     spec = get_model_spec(cfg.model.name)
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
+    if cfg.peft.method == "lora":
+        apply_lora(model, cfg.peft)
+        assert (
+            0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.02 * cfg.model.dim**2 * 1e3
+        )
     assert sum(p.numel() for p in model.parameters()) > 0
     assert spec.flops_per_token(cfg.model, cfg.data.seq_len) > 0
 
