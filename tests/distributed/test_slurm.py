@@ -1,15 +1,15 @@
-"""`launch/slurm.sbatch` under a real SLURM: the `cluster` fixture starts munged, slurmctld and two slurmd from
-a generated single-host slurm.conf, "nodes" n1 and n2 on loopback, each slurmd on a port of its own, and the
-tests submit the script with sbatch as a user would:
+"""`launch/slurm.sbatch` under a real SLURM: the `cluster` fixture starts munged, slurmctld and two slurmd
+from a generated single-host slurm.conf ("nodes" n1 and n2 on loopback, each slurmd on a port of its own),
+and the tests submit the script with sbatch as a user would:
 
-- a whole run: one torchrun per node, one worker each (world size 2, FSDP over both, gloo on CPU) meeting at a
-  c10d rendezvous on the first node; the job completes with exit code 0 and leaves every step's metrics and
-  the final checkpoint;
-- preemption: `scancel --batch --signal=USR1`, the signal `#SBATCH --signal=B:USR1@120` sends ahead of the time
-  limit, reaches the batch shell only; its trap forwards it through srun and torchrun to the workers, which
-  save a checkpoint and exit with code 75; the script requeues the job, and the requeued job resumes from that
-  checkpoint to the last step. Its losses equal the whole run's bitwise: the same world size and layout redo
-  exactly the same arithmetic (the reasoning of test_launch.py).
+- a whole run: one torchrun per node, one worker each (world size 2, FSDP over both, gloo on CPU) meeting at
+  a c10d rendezvous on the first node; the job completes with exit code 0 and leaves every step's metrics
+  and the final checkpoint;
+- preemption: `scancel --batch --signal=USR1`, the signal that `#SBATCH --signal=B:USR1@120` sends ahead of
+  the time limit, reaches the batch shell only; its trap forwards it through srun and torchrun to the
+  workers, which save a checkpoint and exit with code 75; the script requeues the job, and the requeued job
+  resumes from that checkpoint to the last step. Its losses equal the whole run's bitwise: the same world
+  size and layout redo exactly the same arithmetic (the reasoning of test_launch.py).
 
 Plugins that need neither cgroups nor an accounting database (proctrack/linuxproc, task/none,
 jobacct_gather/none, accounting_storage/none), so that slurmd runs in a container. The tests skip, with the
@@ -126,7 +126,7 @@ class Cluster:
         self.daemons.append((proc, log))
 
     def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (the first value of a key: a command's own `key=value`s come later)."""
+        """`scontrol show job` as a dict, first value of a key (a command's own `key=value`s come later)."""
         fields: dict[str, str] = {}
         for item in self.run("scontrol", "-o", "show", "job", job_id).split():
             key, _, value = item.partition("=")
@@ -291,7 +291,7 @@ def _submit(cluster: Cluster, run_dir: Path, cache: Path) -> str:
 
 
 def _wait_job(cluster: Cluster, job_id: str, log: Path) -> dict[str, str]:
-    """The job's final `scontrol` record; a requeued job is PENDING again, so this waits for its second run."""
+    """The job's final `scontrol` record; a requeued job is PENDING again, so this waits for its rerun."""
     info: dict[str, str] = {}
 
     def done() -> bool:
