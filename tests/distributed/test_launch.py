@@ -8,9 +8,8 @@ floating-point sums of the gradient reduce-scatter and the loss all-reduce diffe
 carried by AdamW through later steps). A resume or an elastic restart in the same layout redoes exactly the
 same arithmetic, so those are compared bitwise.
 
-SLURM itself is not started here (a one-node slurmctld/slurmd/munge cluster is not reliable to bring up on a
-CI machine in bounded time); `launch/slurm.sbatch` is checked with `bash -n`, and what it runs (torchrun with
-a c10d rendezvous, SIGUSR1 to the workers, `checkpoint.resume=auto`) is what the tests below exercise.
+SLURM itself is started by test_slurm.py, which submits `launch/slurm.sbatch` to a one-host cluster; here the
+script is only checked with `bash -n`, so that a syntax error shows even where SLURM is not installed.
 """
 
 from __future__ import annotations
