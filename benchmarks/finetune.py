@@ -1,0 +1,170 @@
+"""LoRA fine-tuning steps on one GPU: treadle vs Hugging Face transformers + peft, same settings, same run.
+
+    python benchmarks/finetune.py --steps 8 --out benchmarks/results/finetune.jsonl
+
+Both sides adapt every projection of an 8B-shaped Llama (random weights; `--model` picks another shape) with
+LoRA r=16, alpha=32, train on the same token batches (seq 4096, micro-batch × accumulation from the flags),
+with activation checkpointing of every block, bf16 compute and AdamW over the adapters only:
+
+- treadle: its `finetune/llama3_8b_lora` settings: FSDP2 (one rank) with the frozen base stored in bf16, fp32
+  adapters, compiled blocks, full activation checkpointing, the compiled loss.
+- transformers + peft: `LlamaForCausalLM` in bf16 with SDPA attention, `get_peft_model(LoraConfig(...))` (peft
+  keeps the adapters in fp32), `gradient_checkpointing_enable(use_reentrant=False)`, autocast bf16, fused
+  AdamW — the standard peft recipe.
+
+`--qlora` adds treadle with the base in NF4 (same peer). FLOPs per token are the model's full training count
+(6·N + attention), the convention MFU uses, for both sides, so TFLOP/s compare like for like; LoRA skips the
+base weights' gradient matmuls, so the useful work is lower than that count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from _results import emit, triton_version
+from step import run_treadle
+
+from treadle.models import get_model_spec
+from treadle.train.config import TrainConfig, load_config
+from treadle.train.metrics import peak_flops
+
+
+def run_hf_peft(cfg: TrainConfig, batches: list, steps: int, warmup: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.peft.rank, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    state = {"i": 0}
+
+    def step() -> float:
+        micro_batches = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        total = 0.0
+        for batch in micro_batches:
+            tokens = batch.tokens.cuda(non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=tokens, labels=tokens).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    losses = [step() for _ in range(steps)]
+    torch.cuda.synchronize()
+    return {
+        "seconds": time.perf_counter() - start,
+        "losses": losses,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="llama3_8b")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--qlora", action="store_true", help="also time treadle with an NF4 base")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    overrides = [
+        f"model={args.model}", "peft=lora", "peft.rank=16", "peft.alpha=32", "memory=full_ac", "parallel.compile=true",
+        f"data.seq_len={args.seq}", "data.document_mask=false", f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.global_batch}", "trainer.max_steps=1000", "optim.lr=2e-4",
+        "optim.weight_decay=0.0", "logging.wandb.mode=disabled", "logging.progress_bar=false", "checkpoint.every=0",
+        "checkpoint.save_final=false", "run.dir=/tmp/treadle_finetune_bench",
+    ]  # fmt: skip
+    cfg = load_config(overrides)
+    tokens_per_step = args.global_batch * args.seq
+    flops_per_token = get_model_spec(cfg.model.name).flops_per_token(cfg.model, args.seq)
+    peak = peak_flops(torch.device("cuda"))
+
+    results = {"treadle": run_treadle(cfg, args.steps, args.warmup)}
+    batches = results["treadle"]["batches"]
+    if args.qlora:
+        gc.collect()
+        torch.cuda.empty_cache()
+        results["treadle_qlora"] = run_treadle(
+            load_config([*overrides, "peft=qlora"]), args.steps, args.warmup
+        )
+    gc.collect()
+    torch.cuda.empty_cache()
+    results["hf_peft"] = run_hf_peft(cfg, batches, args.steps, args.warmup)
+
+    summary = {}
+    for name, r in results.items():
+        tps = args.steps * tokens_per_step / r["seconds"]
+        summary[name] = {
+            "tokens_per_s": tps,
+            "tflops_per_device": tps * flops_per_token / 1e12,
+            "mfu": tps * flops_per_token / peak if peak else None,
+            "peak_memory_gib": r["peak_gib"],
+            "first_loss": r["losses"][0],
+            "last_loss": r["losses"][-1],
+        }
+        print(f"# {name}: {json.dumps(summary[name])}", flush=True)
+    common = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "date": datetime.date.today().isoformat(),
+        "steps": args.steps,
+    }
+    lines = []
+    peer = summary["hf_peft"]
+    for name in [n for n in summary if n != "hf_peft"]:
+        method = "qlora_nf4" if name.endswith("qlora") else "lora"
+        case = f"{args.model}_{method}_r16_all_linear_S{args.seq}_mb{args.micro_batch}_gb{args.global_batch}_fullAC"
+        for metric, higher in (
+            ("tokens_per_s", True),
+            ("tflops_per_device", True),
+            ("peak_memory_gib", False),
+        ):
+            value = summary[name][metric]
+            lines.append({
+                "bench": "finetune", "case": case, "metric": metric, "value": value,
+                "peer": "transformers_peft_lora_gradckpt", "peer_value": peer[metric],
+                "ratio": value / peer[metric], "higher_is_better": higher, **common,
+            })  # fmt: skip
+    emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
