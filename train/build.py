@@ -85,7 +85,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     spec = get_model_spec(cfg.model.name)
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
-    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed)
+    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed, cfg.fp8)
     model, optimizer = engine.prepare(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(
