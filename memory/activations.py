@@ -61,8 +61,9 @@ class SavedActivationHooks:
         self.offloader = Offloader(host_copy=host_copy)
         self.host_copy = host_copy
         self._scopes: list[torch.autograd.graph.saved_tensors_hooks] = []
-        # Within a scope: id(tensor) -> (tensor, version, packed). Holding the tensor keeps its id unique.
-        self._packed: dict[int, tuple[torch.Tensor, int, Any]] = {}
+        # Within a scope: the tensor's memory and layout -> (tensor, packed). Holding the tensor keeps its
+        # storage from being reused by another tensor while the key is live.
+        self._packed: dict[tuple, tuple[torch.Tensor, Any]] = {}
         self._exempt = 0
         self.packed_bytes = 0  # bytes kept for backward by the packed tensors, over every scope so far
         self.input_bytes = 0  # bytes those tensors had before packing
@@ -99,10 +100,12 @@ class SavedActivationHooks:
     def pack(self, t: torch.Tensor) -> Any:
         if not self._eligible(t):
             return t
-        key = id(t)
+        # Views of one tensor (the [B·S, E] view each linear takes of a shared input) are distinct objects:
+        # the key is the memory they read, so they share one packed copy.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
         hit = self._packed.get(key)
-        if hit is not None and hit[0] is t and hit[1] == t._version:
-            return hit[2]
+        if hit is not None:
+            return hit[1]
         nbytes = t.numel() * t.element_size()
         packed: Any = t
         if self.compress and not self._exempt:
@@ -115,7 +118,7 @@ class SavedActivationHooks:
                 packed = self.offloader.offload(t)
         self.input_bytes += nbytes
         self.packed_bytes += _device_bytes(packed)
-        self._packed[key] = (t, t._version, packed)
+        self._packed[key] = (t, packed)
         return packed
 
     def unpack(self, packed: Any) -> torch.Tensor:

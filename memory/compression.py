@@ -37,6 +37,8 @@ class CompressedTensor:
 
 def quantize_groups(x: torch.Tensor, group_size: int) -> CompressedTensor:
     num_cols = x.shape[-1]
+    # Rows narrower than a group (a head dim of 64 with groups of 128) are one group each, not padded.
+    group_size = min(group_size, num_cols)
     num_groups = math.ceil(num_cols / group_size)
     x_RC = x.detach().reshape(-1, num_cols).float()
     x_RGc = F.pad(x_RC, (0, num_groups * group_size - num_cols)).view(x_RC.shape[0], num_groups, group_size)
