@@ -213,10 +213,12 @@ def scaled_mm(
     """(a · scale_a) @ (b · scale_b): `torch._scaled_mm` (a row-major, b column-major) or its emulation.
 
     Rowwise scales are [M, 1] and [1, N]. The emulation dequantises to fp32 and multiplies there; it is
-    also taken on an FP8 GPU when a dim is not a multiple of 16, which `_scaled_mm` requires.
+    also taken on a GPU when a dim is not a multiple of 16, which `_scaled_mm` requires. Callers decide
+    `emulate` for GPUs without FP8 tensor cores (`fp8_matmul_supported`).
     """
+    # Static properties only (no device query): under torch.compile this branch is decided at trace time.
     aligned = all(d % 16 == 0 for d in (*a_MK.shape, b_KN.shape[1]))
-    if emulate or not aligned or not fp8_matmul_supported(a_MK.device):
+    if emulate or not aligned or not a_MK.is_cuda:
         out = (a_MK.float() * scale_a) @ (b_KN.float() * scale_b)
         return out.to(out_dtype)
     rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
