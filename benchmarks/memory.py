@@ -72,8 +72,8 @@ MODELS = {
 # model -> (micro-batch, sequence length) that fit every default case on one 80 GB H100
 BATCH = {"1b": (4, 2048), "3b": (1, 2048), "tiny": (2, 128), "curve": (8, 1024)}
 DEFAULT_CASES = {
-    "1b": "bf16,fp8,fp8_rowwise,full_ac,selective_ac,fp8_full_ac,bf16_eager,fp8_all",
-    "3b": "bf16,fp8,full_ac,bf16_eager,fp8_all",
+    "1b": "bf16,fp8,fp8_rowwise,full_ac,bf16_eager,fp8_all",
+    "3b": "bf16,fp8,bf16_eager,fp8_all",
     "tiny": "bf16_eager,fp8_eager,fp8_all",
 }
 # `--device cpu` (a smoke test of this script: FP8 emulated, no compile, no peak memory) sets it to cpu.
