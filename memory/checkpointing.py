@@ -8,6 +8,9 @@ Modes (`memory.activation_checkpoint`):
 - selective: op-level (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4): the outputs of
   matmuls and attention — expensive to recompute — are kept, while the cheap elementwise ops around them
   (norms, RoPE, SwiGLU, residual adds) are recomputed, through torch's selective checkpoint API.
+
+`MemoryConfig` also holds the settings of activation compression and offload (memory/activations.py) and of
+FSDP2's parameter offload (parallel/fsdp.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,  # FP8 linears (parallel/fp8.py)
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
@@ -35,10 +39,20 @@ _SAVE_OPS = {
 }
 
 
+COMPRESSION_MODES = ("none", "fp8")
+PARAM_OFFLOAD_MODES = ("none", "cpu")
+
+
 @dataclass(kw_only=True)
 class MemoryConfig:
     activation_checkpoint: str = "none"  # none | full | every_k | selective (see memory/checkpointing.py)
     ac_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
+    # none | fp8: saved activations stored as per-group E4M3 (COAT §5; memory/activations.py)
+    activation_compression: str = "none"
+    compression_group_size: int = 128  # elements per FP8 scale along the last dim
+    activation_offload: bool = False  # saved activations to pinned host memory (memory/offload.py)
+    # none | cpu: FSDP2 keeps sharded parameters, gradients and optimizer states in host memory
+    param_offload: str = "none"
 
     def validate(self) -> None:
         if self.activation_checkpoint not in AC_MODES:
@@ -47,6 +61,17 @@ class MemoryConfig:
             )
         if self.ac_every < 1:
             raise ValueError(f"memory.ac_every={self.ac_every} must be >= 1")
+        if self.activation_compression not in COMPRESSION_MODES:
+            raise ValueError(
+                f"memory.activation_compression={self.activation_compression!r} is not one of "
+                f"{COMPRESSION_MODES}"
+            )
+        if self.compression_group_size < 1:
+            raise ValueError(f"memory.compression_group_size={self.compression_group_size} must be >= 1")
+        if self.param_offload not in PARAM_OFFLOAD_MODES:
+            raise ValueError(
+                f"memory.param_offload={self.param_offload!r} is not one of {PARAM_OFFLOAD_MODES}"
+            )
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

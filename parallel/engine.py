@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from treadle.memory.activations import SavedActivationHooks, apply_activation_memory
 from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
 from treadle.models.init import canonical_name
 from treadle.optim.builder import build_optimizer
@@ -22,6 +23,7 @@ from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
 from treadle.parallel.cp import apply_cp, shard_batch
 from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.fp8 import Float8Config, convert_to_float8
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
 from treadle.parallel.tp import apply_tp, enable_async_tp
@@ -50,7 +52,8 @@ class Engine(Protocol):
 
 class NativeEngine:
     """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor tensor/sequence parallelism; plans applied in the fixed
-    order of STYLE.md §3: TP/SP → CP → activation checkpointing → compile → FSDP → materialise."""
+    order of STYLE.md §3: FP8 linears → TP/SP → CP → activation checkpointing → compile → activation
+    compression/offload hooks (outside the compiled blocks) → FSDP → materialise."""
 
     def __init__(
         self,
@@ -59,9 +62,12 @@ class NativeEngine:
         memory_cfg: MemoryConfig,
         device: torch.device,
         seed: int,
+        fp8_cfg: Float8Config | None = None,
     ):
         self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
+        self.fp8_cfg = fp8_cfg or Float8Config()
         self.device, self.seed = device, seed
+        self.activation_hooks: SavedActivationHooks | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.clip_grad_norm = 0.0
@@ -72,6 +78,7 @@ class NativeEngine:
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Apply plans to a meta-device model, materialise it on `device` (initialised, then `load_weights`),
         and build its optimizer over the parameters that require gradients."""
+        convert_to_float8(model, self.fp8_cfg, self.device)
         if self.dims.tp > 1:
             apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
             model.ops.loss = vocab_parallel_linear_cross_entropy
@@ -83,15 +90,24 @@ class NativeEngine:
         if self.cfg.compile:
             # Ring attention's point-to-point sends break the graph, so blocks cannot be one graph under CP.
             apply_compile(model, compile_loss=self.dims.tp == 1, fullgraph=self.dims.cp == 1)
-        apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device)
-        model.to_empty(device=self.device)
+        self.activation_hooks = apply_activation_memory(model, self.memory_cfg, self.device)
+        cpu_offload = self.memory_cfg.param_offload == "cpu"
+        apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device, cpu_offload=cpu_offload)
+        # Offloaded parameters are materialised in host memory, where FSDP2 keeps them; buffers (RoPE
+        # frequencies) are used by the computation and go to the device.
+        model.to_empty(device="cpu" if cpu_offload else self.device)
+        if cpu_offload:
+            for module in model.modules():
+                for name, buf in module.named_buffers(recurse=False):
+                    module._buffers[name] = buf.to(self.device)
         model.init_weights(self.seed)
         if load_weights is not None:
             load_weights(model)
         # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
         self.has_frozen = any(not p.requires_grad for p in model.parameters())
         self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
-        self.optimizer = build_optimizer(model, optim_cfg, self.device)
+        optim_device = torch.device("cpu") if cpu_offload else self.device
+        self.optimizer = build_optimizer(model, optim_cfg, optim_device)
         return model, self.optimizer
 
     def prepare_batch(self, batch: Batch) -> Batch:
@@ -140,10 +156,15 @@ class NativeEngine:
 
 
 def build_engine(
-    dims: ParallelDims, cfg: ParallelConfig, memory_cfg: MemoryConfig, device: torch.device, seed: int
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    memory_cfg: MemoryConfig,
+    device: torch.device,
+    seed: int,
+    fp8_cfg: Float8Config | None = None,
 ) -> Engine:
     if cfg.engine == "native":
-        return NativeEngine(dims, cfg, memory_cfg, device, seed)
+        return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg)
     raise ValueError(
         f"parallel.engine={cfg.engine!r} is not available in this build; use parallel.engine=native "
         f"(the deepspeed and megatron engines are separate work items)"

@@ -5,6 +5,11 @@ after (`reshard_after_forward=True`); backward all-gathers them again and reduce
 `reduce_dtype`. ZeRO-2 (`reshard_after_forward=False`) keeps the gathered parameters from forward to backward,
 trading memory for one all-gather per block. With HSDP the mesh is 2-D and gradients are additionally
 all-reduced across `dp_replicate`.
+
+Parameter offload (`memory.param_offload=cpu`, ZeRO-Offload's placement, Ren et al. 2021): FSDP2's
+`CPUOffloadPolicy` keeps the sharded parameters, their gradients and therefore the optimizer states in
+(pinned) host memory. Each all-gather first copies the shard host-to-device; each reduce-scatter's output is
+copied device-to-host; the optimizer step runs on the CPU (torch's foreach AdamW, not the fused CUDA one).
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from treadle.parallel.dims import ParallelConfig
 
@@ -27,7 +38,14 @@ def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    cfg: ParallelConfig,
+    device: torch.device,
+    *,
+    cpu_offload: bool = False,
+) -> None:
     param_dtype = resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype")
     mp_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=resolve_dtype(cfg.reduce_dtype, device, "parallel.reduce_dtype")
@@ -37,15 +55,21 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: 
     for param in model.parameters():
         if not param.requires_grad:
             param.data = param.data.to(param_dtype)
+    # Pinned host memory makes the host-device copies asynchronous; it needs CUDA.
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     # With one rank on the shard axis there is nothing to free: resharding would only repeat the copy.
     reshard = cfg.reshard_after_forward and mesh.size(mesh.ndim - 1) > 1
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: resharding them is wasted work.
         fully_shard(
-            block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard and i < len(blocks) - 1
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            offload_policy=offload,
+            reshard_after_forward=reshard and i < len(blocks) - 1,
         )
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
     _set_prefetch(blocks, cfg.fsdp_prefetch_forward, cfg.fsdp_prefetch_backward)
 
 

@@ -105,7 +105,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         model = spec.build(cfg.model, cfg.kernels)
     if cfg.peft.method == "lora":
         apply_lora(model, cfg.peft)
-    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed)
+    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed, cfg.fp8)
     model, optimizer = engine.prepare(model, cfg.optim, weight_loader(cfg))
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(

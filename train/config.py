@@ -19,6 +19,7 @@ from treadle.models.ops import KernelsConfig, build_ops
 from treadle.optim.config import SCHEDULES, OptimConfig
 from treadle.parallel.cp import CP_VARIANTS
 from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.fp8 import Float8Config
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
 from treadle.train.loggers import LoggingConfig
@@ -60,6 +61,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    fp8: Float8Config = field(default_factory=Float8Config)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -85,11 +87,39 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     cfg.model.validate()
     cfg.peft.validate()
     cfg.memory.validate()
+    cfg.fp8.validate()
     build_ops(cfg.kernels)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     _validate_parallel(cfg, dims)
+    _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
     return dims
+
+
+def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """FP8 linears, activation compression/offload and parameter offload against the layout."""
+    _check(
+        not cfg.fp8.enabled or dims.tp == 1,
+        f"fp8.enabled=true is not supported with parallel.tp={dims.tp} (FP8 linears have no tensor-parallel "
+        f"plan yet); fix: set parallel.tp=1 or fp8.enabled=false",
+    )
+    _check(
+        cfg.memory.activation_compression == "none" or not cfg.parallel.compile,
+        "memory.activation_compression=fp8 needs eager blocks: inside one compiled graph attention's saved "
+        "tensors cannot be kept out of FP8; fix: set parallel.compile=false or "
+        "memory.activation_compression=none",
+    )
+    _check(
+        cfg.memory.param_offload == "none" or cfg.parallel.engine == "native",
+        f"memory.param_offload={cfg.memory.param_offload} is FSDP2's CPUOffloadPolicy, in the native engine "
+        f"only; fix: set parallel.engine=native",
+    )
+    on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and cfg.memory.param_offload != "none":
+        warnings.warn(
+            "memory.param_offload=cpu has no effect on a CPU run: parameters already live in host memory",
+            stacklevel=3,
+        )
 
 
 def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:

@@ -1,0 +1,324 @@
+"""Peak memory and throughput of the low-precision and memory settings on one GPU, and BF16-vs-FP8 loss curves.
+
+    python benchmarks/memory.py --models 1b --out benchmarks/results/memory.jsonl            # cases, 1B
+    python benchmarks/memory.py --models 3b --curve-steps 0 --out benchmarks/results/memory.jsonl --append
+    python benchmarks/memory.py --plot benchmarks/results/memory.jsonl --png benchmarks/results/memory_loss.png
+
+Cases (`--cases`, comma list; each is one configuration of the same model, data and batch):
+    bf16                    FSDP2 bf16 compute, fp32 master weights, compiled blocks (the recipe's baseline)
+    fp8 / fp8_rowwise       + FP8 linears in every block (parallel/fp8.py), tensorwise / rowwise scaling
+    full_ac / selective_ac  bf16 + activation checkpointing
+    fp8_full_ac             FP8 linears + full activation checkpointing
+    bf16_eager / fp8_eager  uncompiled blocks: the baseline of the cases that need eager blocks
+    fp8_all                 FP8 linears + FP8 AdamW states (COAT §4) + FP8 activation compression (COAT §5),
+                            eager (compression needs eager blocks)
+    offload                 bf16 + activation offload to pinned host memory
+    param_offload           bf16 + FSDP2 CPUOffloadPolicy (optimizer on the CPU: slow by design)
+Each compiled case is compared with `bf16`, each eager case with `bf16_eager`: one JSON line per (case,
+metric) in DESIGN.md's format, for tokens/s and peak memory (`torch.cuda.max_memory_allocated` over the
+timed steps, after the first steps have created the optimizer states).
+
+Loss curves: `--curve-steps` steps (300 by default) of a ~100M-parameter Llama (dim 1024, 8 layers) on the
+embedded stdlib corpus, BF16 and FP8 (tensorwise) from the same initialisation and batches; the per-step
+losses go into the JSONL (`losses`) and `--plot` turns them into a PNG where matplotlib is installed.
+
+Needs no Hydra: configs are built from the dataclasses directly. Model shapes mirror configs/model/*.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _results import emit, triton_version
+
+from treadle.memory.checkpointing import MemoryConfig
+from treadle.models import get_model_spec
+from treadle.models.llama import ModelConfig, RopeScalingConfig
+from treadle.models.ops import KernelsConfig
+from treadle.optim.builder import build_scheduler
+from treadle.optim.config import OptimConfig, ScheduleConfig
+from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.engine import NativeEngine
+from treadle.parallel.fp8 import Float8Config
+from treadle.train.data import DataConfig, StepLoader, build_datasets, prepare_data
+
+_LLAMA32_ROPE = RopeScalingConfig(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0)
+MODELS = {
+    "1b": ModelConfig(
+        dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE, max_seq_len=131072, tie_embeddings=True,
+    ),
+    "3b": ModelConfig(
+        dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE, max_seq_len=131072, tie_embeddings=True,
+    ),
+    "tiny": ModelConfig(
+        dim=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=258, ffn_dim=384, max_seq_len=512,
+    ),
+    "curve": ModelConfig(
+        dim=1024, num_layers=8, num_heads=16, num_kv_heads=8, vocab_size=258, ffn_dim=4096,
+        rope_theta=10000.0, max_seq_len=4096, tie_embeddings=True,
+    ),
+}  # fmt: skip
+# model -> (micro-batch, sequence length) that fit every default case on one 80 GB H100
+BATCH = {"1b": (4, 2048), "3b": (1, 2048), "tiny": (2, 128), "curve": (8, 1024)}
+DEFAULT_CASES = {
+    "1b": "bf16,fp8,fp8_rowwise,full_ac,bf16_eager,fp8_all",
+    "3b": "bf16,fp8,bf16_eager,fp8_all",
+    "tiny": "bf16_eager,fp8_eager,fp8_all",
+}
+# `--device cpu` (a smoke test of this script: FP8 emulated, no compile, no peak memory) sets it to cpu.
+DEVICE = torch.device("cuda", 0)
+
+
+@dataclass
+class Case:
+    fp8: str | None = None  # FP8 linear recipe
+    optim: str = "adamw"
+    memory: dict = field(default_factory=dict)
+    compile: bool = True
+
+
+CASES = {
+    "bf16": Case(),
+    "fp8": Case(fp8="tensorwise"),
+    "fp8_rowwise": Case(fp8="rowwise"),
+    "full_ac": Case(memory={"activation_checkpoint": "full"}),
+    "selective_ac": Case(memory={"activation_checkpoint": "selective"}),
+    "fp8_full_ac": Case(fp8="tensorwise", memory={"activation_checkpoint": "full"}),
+    "bf16_eager": Case(compile=False),
+    "fp8_eager": Case(fp8="tensorwise", compile=False),
+    "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False),
+    "offload": Case(memory={"activation_offload": True}),
+    "param_offload": Case(memory={"param_offload": "cpu"}),
+}  # fmt: skip
+
+
+def _build(
+    model_cfg: ModelConfig, case: Case, loader_cfg: tuple[int, int], total_steps: int, lr: float, seed: int
+):
+    """(model, engine, scheduler, loader) for one case, without the Trainer (no Hydra)."""
+    micro_batch, seq_len = loader_cfg
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, world_size=1)
+    dims.build_mesh(DEVICE.type)
+    data_cfg = DataConfig(source="stdlib", seq_len=seq_len, document_mask=False)
+    prepare_data(data_cfg)
+    train_data, _ = build_datasets(data_cfg, vocab_size=model_cfg.vocab_size)
+    loader = StepLoader(
+        train_data, global_batch_size=micro_batch, micro_batch_size=micro_batch, dp_rank=0, dp_size=1,
+        seed=seed, shuffle=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = get_model_spec(model_cfg.name).build(model_cfg, KernelsConfig())
+    engine = NativeEngine(
+        dims,
+        ParallelConfig(compile=case.compile and DEVICE.type == "cuda"),
+        MemoryConfig(**case.memory),
+        DEVICE,
+        seed,
+        Float8Config(enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise"),
+    )
+    schedule = ScheduleConfig(name="cosine", warmup_steps=max(1, total_steps // 10))
+    model, optimizer = engine.prepare(model, OptimConfig(name=case.optim, lr=lr, schedule=schedule))
+    return model, engine, build_scheduler(optimizer, schedule, total_steps), loader
+
+
+def _step(model, engine, scheduler, loader) -> torch.Tensor:
+    (batch,) = loader.next_step()
+    batch = batch.to(DEVICE, non_blocking=True)
+    loss_sum, count = model(batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions)
+    loss = loss_sum / count
+    engine.backward(loss)
+    engine.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(model_cfg: ModelConfig, case: Case, batch: tuple[int, int], steps: int, warmup: int) -> dict:
+    model, engine, scheduler, loader = _build(model_cfg, case, batch, steps + warmup, lr=3e-4, seed=0)
+    losses = [_step(model, engine, scheduler, loader) for _ in range(warmup)]
+    _sync()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses += [_step(model, engine, scheduler, loader) for _ in range(steps)]
+    _sync()
+    seconds = time.perf_counter() - start
+    cuda = DEVICE.type == "cuda"
+    return {
+        "tokens_per_s": steps * batch[0] * batch[1] / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "last_loss": float(losses[-1]),
+    }
+
+
+def run_curve(model_name: str, case: Case, steps: int, lr: float) -> list[float]:
+    model, engine, scheduler, loader = _build(
+        MODELS[model_name], case, BATCH[model_name], steps, lr=lr, seed=0
+    )
+    losses = [_step(model, engine, scheduler, loader) for _ in range(steps)]
+    return [float(x) for x in torch.stack(losses).cpu()]
+
+
+def _free() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def _common(steps: int) -> dict:
+    return {
+        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "date": datetime.date.today().isoformat(),
+        "steps": steps,
+        "world_size": 1,
+    }
+
+
+def bench(args: argparse.Namespace) -> list[dict]:
+    lines = []
+    for name in filter(None, args.models.split(",")):
+        micro_batch, seq_len = BATCH[name]
+        batch = (args.micro_batch or micro_batch, args.seq_len or seq_len)
+        results: dict[str, dict | None] = {}
+        for case_name in (args.cases or DEFAULT_CASES[name]).split(","):
+            _free()
+            try:
+                results[case_name] = run_case(MODELS[name], CASES[case_name], batch, args.steps, args.warmup)
+            except torch.OutOfMemoryError:
+                results[case_name] = None
+            print(f"# {name} {case_name}: {json.dumps(results[case_name])}", flush=True)
+        for case_name, result in results.items():
+            peer = "bf16" if CASES[case_name].compile else "bf16_eager"
+            if peer == case_name or result is None:
+                continue
+            base = results.get(peer)
+            for metric, higher in (("tokens_per_s", True), ("peak_memory_gib", False)):
+                peer_value = base[metric] if base else None
+                lines.append(
+                    {
+                        "bench": "memory",
+                        "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{case_name}",
+                        "metric": metric,
+                        "value": result[metric],
+                        "peer": peer if base else None,
+                        "peer_value": peer_value,
+                        "ratio": result[metric] / peer_value if peer_value else None,
+                        "higher_is_better": higher,
+                        **_common(args.steps),
+                    }
+                )
+        lines += [
+            {"bench": "memory", "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{c}", "metric": "oom",
+             "value": True, **_common(args.steps)}
+            for c, r in results.items() if r is None
+        ]  # fmt: skip
+    if args.curve_steps:
+        curves = {}
+        for case_name, case in (("bf16", Case()), ("fp8", Case(fp8="tensorwise"))):
+            _free()
+            curves[case_name] = run_curve(args.curve_model, case, args.curve_steps, args.curve_lr)
+        tail = max(1, args.curve_steps // 10)
+        final = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
+        lines.append(
+            {
+                "bench": "memory",
+                "case": f"loss_curve_{args.curve_model}_{args.curve_steps}steps_fp8_tensorwise",
+                "metric": f"mean_loss_last_{tail}_steps",
+                "value": final["fp8"],
+                "peer": "bf16",
+                "peer_value": final["bf16"],
+                "ratio": final["fp8"] / final["bf16"],
+                "higher_is_better": False,
+                "losses": curves["fp8"],
+                "peer_losses": curves["bf16"],
+                **_common(args.curve_steps),
+            }
+        )
+    return lines
+
+
+def plot(jsonl: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    curves = [line for line in lines if "losses" in line]
+    if not curves:
+        raise SystemExit(f"{jsonl} holds no loss curve (a line with 'losses')")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for line in curves:
+        ax.plot(line["peer_losses"], label=line["peer"], linewidth=1)
+        ax.plot(line["losses"], label="fp8 (tensorwise)", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"{curves[0]['case']} on {curves[0]['device']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="1b", help="comma list of 1b, 3b, tiny (empty: only the curves)")
+    parser.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument(
+        "--warmup", type=int, default=4, help="untimed steps first (compile, optimizer states)"
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="sequences per step (default per model)"
+    )
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--curve-steps", type=int, default=300, help="0 skips the loss curves")
+    parser.add_argument("--curve-lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here as well as stdout")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--plot", type=Path, default=None, help="make a PNG of the loss curves in this JSONL")
+    parser.add_argument("--png", type=Path, default=Path("benchmarks/results/memory_loss.png"))
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script")
+    parser.add_argument("--curve-model", default="curve", help="model of the loss curves (curve, tiny)")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return
+    global DEVICE
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    if args.device == "cpu":
+        DEVICE = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", device_id=DEVICE)
+    try:
+        emit(bench(args), args.out, append=args.append)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

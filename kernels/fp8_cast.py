@@ -1,0 +1,321 @@
+"""FP8 casts with dynamic scaling in Triton, and the FP8 matmul of a linear layer built on them.
+
+Shape legend: R rows of the scaled view, C its columns (each row has its own scale when rowwise), M tokens,
+K input features, N output features, P column blocks of the amax pass.
+
+Dynamic scaling (Micikevicius et al. 2022, "FP8 Formats for Deep Learning", §4.3; the "dynamic" recipe of
+torchao's float8): each cast measures amax = max |x| over the tensor (tensorwise) or over each row
+(rowwise), maps it to the format's largest finite value with scale = fp8_max / amax, and stores
+round(clamp(x · scale)) together with the dequantisation factor 1 / scale. `torch._scaled_mm` takes those
+factors directly: out = (a_fp8 · sa) @ (b_fp8 · sb), accumulated in fp32.
+
+The Triton cast is two kernels: an amax pass that leaves one partial max per (row, column block), and a
+cast pass. Between them the scale is computed by the same torch expression as the reference
+(`scale_from_amax`), so the kernel and the reference divide the same numbers the same (IEEE) way and the
+casts are bit-equal: only max-reductions (exact in any order) and the rounding of x · scale differ in
+where they run. The store rounds to nearest even with saturation; on a GPU that is the hardware
+conversion (`cvt.rn.satfinite`), in Triton's CPU interpreter — whose float8 conversion is wrong (Triton
+3.6: 31.66 → 16.0) — the kernel encodes the float8 bits itself with integer arithmetic (`SOFT_CAST`).
+
+`Float8MatmulFunction` is y = x Wᵀ with all three GEMMs in FP8 (forward, grad input, grad weight):
+forward operands in E4M3 (more mantissa), gradients in E5M2 with tensorwise scaling (more range; the
+"hybrid" format of the FP8 paper §3) and in E4M3 with rowwise scaling, where per-row scales already cover
+the range and `_scaled_mm`'s rowwise kernels take E4M3 only. It saves x and W in their own precision and
+casts them again in backward: the saved x is the one the other projections of the same input share
+(q/k/v, gate/up), and W is FSDP2's unsharded parameter, whose storage FSDP frees and re-gathers.
+Where `_scaled_mm` cannot run (no CUDA, compute capability < 8.9, dims not multiples of 16) the GEMM is
+emulated: the FP8 operands are dequantised and multiplied in fp32, so the numerics are those of the FP8
+path up to fp32 summation order, with no speedup.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "E4M3",
+    "E5M2",
+    "Float8MatmulFunction",
+    "cast_to_fp8",
+    "cast_to_fp8_reference",
+    "cast_to_fp8_triton",
+    "fp8_linear_reference",
+    "fp8_matmul_supported",
+    "scale_from_amax",
+    "scaled_mm",
+]
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# Floor of amax: an all-zero tensor gets a finite scale (torchao uses the same 1e-12).
+AMAX_EPS = 1e-12
+RECIPES = ("tensorwise", "rowwise")
+
+# format -> (mantissa bits, exponent bias) for the software encoder
+_FORMATS = {E4M3: (3, 7), E5M2: (2, 15)}
+_AMAX_BLOCK = 1024
+_CAST_BLOCK = 1024
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 scale that maps amax to the format's largest finite value."""
+    return fp8_max(dtype) / amax.float().clamp(min=AMAX_EPS)
+
+
+def cast_to_fp8_reference(
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: (x_fp8 [R, C], dequantisation factor: [] tensorwise or [R, 1] rowwise, fp32)."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True) if rowwise else x32.abs().amax()
+    scale = scale_from_amax(amax, dtype)
+    limit = fp8_max(dtype)
+    return (x32 * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
+
+
+@triton.jit
+def _amax_kernel(x_ptr, partial_ptr, num_cols, stride_r, num_col_blocks, BLOCK: tl.constexpr):
+    """Program r·P + p writes max |x[r, p·BLOCK : (p+1)·BLOCK]| to partial[r, p] (a 1-D grid: CUDA caps
+    the second grid axis at 65535, which rows or blocks can pass)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row, block = pid // num_col_blocks, pid % num_col_blocks
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_r + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + row * num_col_blocks + block, tl.max(tl.abs(x), axis=0))
+
+
+@triton.jit
+def _encode_fp8(y, MANT: tl.constexpr, BIAS: tl.constexpr):
+    """Float8 bits (uint8) of y, |y| <= the format's max, rounded to nearest even; integer arithmetic only.
+
+    Normal range: add half an ulp of the target (plus the tie-to-even bit) to the fp32 bits and truncate the
+    dropped mantissa bits; the exponent is rebiased. Subnormal range (|y| < 2^(1-BIAS)): the value counts in
+    steps of 2^(1-BIAS-MANT); `(v + 2^23) - 2^23` rounds v to an integer, to nearest even, in fp32.
+    """
+    DROP: tl.constexpr = 23 - MANT
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    mag_bits = bits & 0x7FFFFFFF
+    rounded = mag_bits + ((1 << (DROP - 1)) - 1) + ((mag_bits >> DROP) & 1)
+    exponent = ((rounded >> 23) & 0xFF) - 127 + BIAS
+    normal = (exponent << MANT) | ((rounded >> DROP) & ((1 << MANT) - 1))
+    # Clamped to the subnormal range so that the int cast of the branch not taken cannot overflow.
+    mag = tl.abs(y)
+    steps = tl.minimum(mag, 2.0 ** (1 - BIAS)) * (2.0 ** (BIAS - 1 + MANT))
+    subnormal = ((steps + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(mag < 2.0 ** (1 - BIAS), subnormal, normal)
+    return ((sign << 7) | code).to(tl.uint8)
+
+
+@triton.jit
+def _cast_kernel(
+    x_ptr,
+    scale_ptr,
+    out_ptr,
+    num_cols,
+    num_col_blocks,
+    stride_r,
+    stride_scale,
+    limit,
+    BLOCK: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    MANT: tl.constexpr,
+    BIAS: tl.constexpr,
+):
+    """Program r·P + p casts x[r, p·BLOCK : (p+1)·BLOCK] · scale[r] (stride_scale 0: one scale)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row, block = pid // num_col_blocks, pid % num_col_blocks
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    scale = tl.load(scale_ptr + row * stride_scale)
+    x = tl.load(x_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.minimum(tl.maximum(x * scale, -limit), limit)
+    if SOFT_CAST:
+        tl.store(out_ptr + row * num_cols + cols, _encode_fp8(y, MANT, BIAS), mask=mask)
+    else:
+        tl.store(out_ptr + row * num_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cast_to_fp8_triton(
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, *, soft_cast: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `cast_to_fp8_reference` for a 2-D `x` (bit-equal to it)."""
+    assert x.dim() == 2 and dtype in _FORMATS, (x.shape, dtype)
+    soft_cast = _interpreting() if soft_cast is None else soft_cast
+    # Tensorwise, the amax pass sees the tensor as one long row, so its partials cover every element.
+    x_RC = x if (x.stride(-1) == 1 and (rowwise or x.is_contiguous())) else x.contiguous()
+    rows, cols = x_RC.shape
+    amax_RC = x_RC if rowwise else x_RC.view(1, -1)
+    num_blocks = triton.cdiv(amax_RC.shape[1], _AMAX_BLOCK)
+    partial_RP = torch.empty(amax_RC.shape[0], num_blocks, dtype=torch.float32, device=x.device)
+    out = torch.empty(rows, cols, dtype=dtype, device=x.device)
+    if x.numel() == 0:
+        return out, torch.ones((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
+    _amax_kernel[(amax_RC.shape[0] * num_blocks,)](
+        amax_RC, partial_RP, amax_RC.shape[1], amax_RC.stride(0), num_blocks, BLOCK=_AMAX_BLOCK
+    )
+    amax = partial_RP.amax(dim=1, keepdim=True) if rowwise else partial_RP.amax()
+    scale = scale_from_amax(amax, dtype)
+    mant, bias = _FORMATS[dtype]
+    cast_blocks = triton.cdiv(cols, _CAST_BLOCK)
+    _cast_kernel[(rows * cast_blocks,)](
+        x_RC,
+        scale,
+        out.view(torch.uint8) if soft_cast else out,
+        cols,
+        cast_blocks,
+        x_RC.stride(0),
+        1 if rowwise else 0,
+        fp8_max(dtype),
+        BLOCK=_CAST_BLOCK,
+        SOFT_CAST=soft_cast,
+        MANT=mant,
+        BIAS=bias,
+    )
+    return out, scale.reciprocal()
+
+
+def cast_to_fp8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton cast on CUDA in eager mode; the reference elsewhere. Under torch.compile the reference is
+    what Inductor sees and fuses into its own amax and cast kernels, where a Triton launch would be opaque."""
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return cast_to_fp8_triton(x, dtype, rowwise)
+    return cast_to_fp8_reference(x, dtype, rowwise)
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """`torch._scaled_mm` needs FP8 tensor cores: compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm(
+    a_MK: torch.Tensor,
+    b_KN: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    emulate: bool,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """(a · scale_a) @ (b · scale_b): `torch._scaled_mm` (a row-major, b column-major) or its emulation.
+
+    Rowwise scales are [M, 1] and [1, N]. The emulation dequantises to fp32 and multiplies there; it is
+    also taken on a GPU when a dim is not a multiple of 16, which `_scaled_mm` requires. Callers decide
+    `emulate` for GPUs without FP8 tensor cores (`fp8_matmul_supported`).
+    """
+    # Static properties only (no device query): under torch.compile this branch is decided at trace time.
+    aligned = all(d % 16 == 0 for d in (*a_MK.shape, b_KN.shape[1]))
+    if emulate or not aligned or not a_MK.is_cuda:
+        out = (a_MK.float() * scale_a) @ (b_KN.float() * scale_b)
+        return out.to(out_dtype)
+    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
+    # Rowwise kernels write bf16 only.
+    mm_dtype = torch.bfloat16 if rowwise else out_dtype
+    out = torch._scaled_mm(
+        a_MK.contiguous(),
+        b_KN.t().contiguous().t(),
+        scale_a=scale_a.reshape(-1, 1) if rowwise else scale_a,
+        scale_b=scale_b.reshape(1, -1) if rowwise else scale_b,
+        out_dtype=mm_dtype,
+        use_fast_accum=fast_accum,
+    )
+    return out.to(out_dtype)
+
+
+def _grad_dtype(rowwise: bool) -> torch.dtype:
+    return E4M3 if rowwise else E5M2
+
+
+class Float8MatmulFunction(torch.autograd.Function):
+    """y [..., N] = x [..., K] @ weight [N, K]ᵀ with FP8 operands in all three GEMMs (see module doc).
+
+    Scales always run along each GEMM's contraction dim: forward x per token and W per output row over K;
+    grad input dy per token over N and W per input column over N; grad weight dy and x per feature over M.
+    Tensorwise the transposed operands are transposes of one cast (a per-tensor scale has no direction).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool
+    ) -> torch.Tensor:
+        rowwise = recipe == "rowwise"
+        x_MK = x.reshape(-1, x.shape[-1])
+        x_q, x_s = cast_to_fp8(x_MK, E4M3, rowwise)
+        w_q, w_s = cast_to_fp8(weight, E4M3, rowwise)
+        y_MN = scaled_mm(x_q, w_q.t(), x_s, w_s.t(), x.dtype, emulate=emulate, fast_accum=True)
+        ctx.save_for_backward(x, weight)
+        ctx.recipe, ctx.emulate = recipe, emulate
+        return y_MN.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        rowwise, emulate = ctx.recipe == "rowwise", ctx.emulate
+        x_MK, dy_MN = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        grad = _grad_dtype(rowwise)
+        if rowwise:
+            dy_q, dy_s = cast_to_fp8(dy_MN, grad, True)
+            dyt_q, dyt_s = cast_to_fp8(dy_MN.t().contiguous(), grad, True)
+            wt_q, wt_s = cast_to_fp8(weight.t().contiguous(), E4M3, True)
+            xt_q, xt_s = cast_to_fp8(x_MK.t().contiguous(), E4M3, True)
+        else:
+            dy_q, dy_s = cast_to_fp8(dy_MN, grad, False)
+            dyt_q, dyt_s = dy_q.t().contiguous(), dy_s
+            w_q, wt_s = cast_to_fp8(weight, E4M3, False)
+            wt_q = w_q.t().contiguous()
+            x_q, xt_s = cast_to_fp8(x_MK, E4M3, False)
+            xt_q = x_q.t().contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # [M, N] @ [N, K]: b = W, column-major, as the transpose of the [K, N] row-major cast.
+            dx = scaled_mm(
+                dy_q, wt_q.t(), dy_s, wt_s.reshape(1, -1) if rowwise else wt_s, x.dtype, emulate=emulate
+            )
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            # [N, M] @ [M, K]: b = x, column-major, as the transpose of the [K, M] row-major cast.
+            dw = scaled_mm(
+                dyt_q,
+                xt_q.t(),
+                dyt_s,
+                xt_s.reshape(1, -1) if rowwise else xt_s,
+                weight.dtype,
+                emulate=emulate,
+            )
+        return dx, dw, None, None
+
+
+def _qdq(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
+    q, inv = cast_to_fp8_reference(x, dtype, rowwise)
+    return q.float() * inv
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, recipe: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 linear's math written out (y, dx, dW), no autograd: every GEMM operand quantised and
+    dequantised along its contraction dim, products in fp32."""
+    rowwise = recipe == "rowwise"
+    grad = _grad_dtype(rowwise)
+    x_MK, dy_MN = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    y = _qdq(x_MK, E4M3, rowwise) @ _qdq(weight, E4M3, rowwise).t()
+    dx = _qdq(dy_MN, grad, rowwise) @ _qdq(weight.t(), E4M3, rowwise).t()
+    dw = _qdq(dy_MN.t(), grad, rowwise) @ _qdq(x_MK.t(), E4M3, rowwise).t()
+    return (
+        y.to(x.dtype).view(*x.shape[:-1], -1),
+        dx.to(x.dtype).view(x.shape),
+        dw.to(weight.dtype),
+    )
