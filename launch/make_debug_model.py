@@ -1,7 +1,7 @@
 """Write a tiny random Hugging Face-format Llama, its tokenizer and a chat dataset (see `treadle.models.debug`).
 
-    python launch/make_debug_model.py runs/debug_hf
-    python launch/train.py +config=finetune/debug_lora
+python launch/make_debug_model.py runs/debug_hf
+python launch/train.py +config=finetune/debug_lora
 """
 
 from __future__ import annotations
