@@ -27,6 +27,10 @@ def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:
     mp_policy = MixedPrecisionPolicy(
         param_dtype=resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype"),

@@ -85,7 +85,15 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     spec = get_model_spec(cfg.model.name)
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
-    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed)
+    engine = build_engine(
+        dims,
+        cfg.parallel,
+        cfg.memory,
+        device,
+        cfg.trainer.seed,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        grad_accum=cfg.trainer.grad_accum(dims.dp_size),
+    )
     model, optimizer = engine.prepare(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(
@@ -123,7 +131,8 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     trainer = Trainer(cfg.trainer, metric_logger=metric_logger, **trainer_kwargs)
     if resume_from is not None:
         checkpointer.load(resume_from, trainer.app_state())
-    num_params = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each parameter empty outside forward/backward; ds_numel is its full size.
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     trainer.metric_logger.message(
         f"model {cfg.model.name}: {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} "
