@@ -123,7 +123,9 @@ class DeepSpeedEngine:
             dp_size=self.dims.dp_size,
             clip_grad_norm=optim_cfg.clip_grad_norm,
             param_dtype=dtype_name(resolve_dtype(self.cfg.param_dtype, self.device, "parallel.param_dtype")),
-            reduce_dtype=dtype_name(resolve_dtype(self.cfg.reduce_dtype, self.device, "parallel.reduce_dtype")),
+            reduce_dtype=dtype_name(
+                resolve_dtype(self.cfg.reduce_dtype, self.device, "parallel.reduce_dtype")
+            ),
         )
 
     def prepare(self, model: nn.Module, optim_cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _spawn import run_distributed
 from test_parity import BASE, train
 
 from treadle.train.config import load_config, validate
@@ -32,6 +31,7 @@ pytestmark = [
 STEPS = 6
 RTOL = 1e-5
 SHORT = [f"trainer.max_steps={STEPS}"]
+CONVERTER = Path(__file__).resolve().parents[2] / "launch" / "convert_deepspeed.py"
 
 
 def _aio_available() -> bool:
@@ -76,17 +76,60 @@ def test_cpu_offload_trains_and_resumes_exactly(fsdp, cache, tmp_path):
     # DeepSpeed's CPU Adam is a separate AdamW implementation: the same math, not the same rounding.
     torch.testing.assert_close(torch.tensor(straight), torch.tensor(fsdp), rtol=RTOL, atol=0)
     assert resumed == straight[3:]
+    _check_conversion(tmp_path / "ckpt" / "step_00000006", tmp_path / "a" / "config.yaml", tmp_path)
 
 
-@pytest.mark.skipif(not _aio_available(), reason="DeepSpeed's async_io op needs libaio (apt-get install libaio-dev)")
-def test_nvme_offload_trains_and_resumes_exactly(fsdp, cache, tmp_path):
+def _check_conversion(step_dir: Path, config: Path, tmp_path: Path) -> None:
+    """launch/convert_deepspeed.py: the merged fp32 weights come out unchanged in DCP and HF format."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    # launch/ is scripts, not a package (its train.py would shadow treadle.train on sys.path).
+    spec = importlib.util.spec_from_file_location("convert_deepspeed", CONVERTER)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    full_state_dict, main = converter.full_state_dict, converter.main
+
+    state = full_state_dict(step_dir)
+    assert "layers.0.self_attn.q_proj.weight" in state and "lm_head.weight" not in state  # tied
+    main([str(step_dir), "--to", "hf", str(tmp_path / "hf"), "--config", str(config), "--dtype", "fp32"])
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    assert hf.keys() == {f"model.{name}" for name in state}
+    torch.testing.assert_close(hf["model.norm.weight"], state["norm.weight"], rtol=0, atol=0)
+    main([str(step_dir), "--to", "dcp", str(tmp_path / "dcp")])
+    loaded = {"engine": {"model": {name: torch.empty_like(t) for name, t in state.items()}}}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    for name, tensor in state.items():
+        torch.testing.assert_close(loaded["engine"]["model"][name], tensor, rtol=0, atol=0)
+
+
+NO_AIO = "DeepSpeed's async_io op needs libaio (apt-get install libaio-dev)"
+
+
+@pytest.mark.skipif(not _aio_available(), reason=NO_AIO)
+def test_nvme_param_offload_trains_and_resumes_exactly(fsdp, cache, tmp_path):
+    """ZeRO-Infinity parameters on "NVMe" (a temp dir, through libaio), optimizer states on the host."""
+    swap = tmp_path / "nvme"
+    swap.mkdir()
+    nvme = ["parallel=zero3_offload_nvme", f"parallel.deepspeed.nvme_path={swap}"]
+    straight, resumed = _train_and_resume(cache, tmp_path, *nvme, "parallel.deepspeed.offload_optimizer=cpu")
+    torch.testing.assert_close(torch.tensor(straight), torch.tensor(fsdp), rtol=RTOL, atol=0)
+    assert resumed == straight[3:]
+
+
+@pytest.mark.skipif(not _aio_available(), reason=NO_AIO)
+def test_nvme_optimizer_offload_trains(fsdp, cache, tmp_path):
+    """Parameters and optimizer states on "NVMe": trains like FSDP. Resume is not exact with DeepSpeed 0.19.8
+    (its ZeRO-3 checkpoint leaves `offloaded_tensors/` empty and the swapped optimizer states are rebuilt from
+    the fresh model), so the resumed half is checked as a known failure that turns into a test failure the
+    day it starts to work."""
     swap = tmp_path / "nvme"
     swap.mkdir()
     straight, resumed = _train_and_resume(
         cache, tmp_path, "parallel=zero3_offload_nvme", f"parallel.deepspeed.nvme_path={swap}"
     )
     torch.testing.assert_close(torch.tensor(straight), torch.tensor(fsdp), rtol=RTOL, atol=0)
-    assert resumed == straight[3:]
+    assert resumed != straight[3:], "NVMe optimizer-state resume is exact now: drop the warning in validate"
 
 
 def _validate(*overrides: str) -> None:
@@ -117,7 +160,9 @@ def test_override_conflicting_with_typed_config_is_refused():
 def test_bad_swap_path_is_refused(tmp_path):
     nvme = ["parallel=zero3_offload_nvme"]
     missing = tmp_path / "missing"
-    with pytest.raises(ValueError, match=f"parallel.deepspeed.nvme_path={missing} does not exist; fix: create"):
+    with pytest.raises(
+        ValueError, match=f"parallel.deepspeed.nvme_path={missing} does not exist; fix: create"
+    ):
         _validate(*nvme, f"parallel.deepspeed.nvme_path={missing}")
     a_file = tmp_path / "file"
     a_file.write_text("")
@@ -132,4 +177,3 @@ def test_bad_swap_path_is_refused(tmp_path):
         _validate(*nvme, f"parallel.deepspeed.nvme_path={read_only}")
     with pytest.raises(ValueError, match="offload_param=nvme needs parameters partitioned"):
         _validate(*nvme, f"parallel.deepspeed.nvme_path={tmp_path}", "parallel.deepspeed.zero_stage=2")
-
