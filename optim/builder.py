@@ -17,17 +17,24 @@ IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 OPTIMIZERS = {"adamw": "fp32", "adamw_bf16": "bf16", "adamw_fp8": "fp8"}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm weights and other 1-D parameters are not decayed)."""
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={cfg.name!r} is not available; choose one of {tuple(OPTIMIZERS)}")
-    if cfg.implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"optim.implementation={cfg.implementation!r} is not one of {IMPLEMENTATIONS}")
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Weight decay on matrices only (norm weights and other 1-D parameters are not decayed); empty groups
+    are dropped."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (see `param_groups`)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={cfg.name!r} is not available; choose one of {tuple(OPTIMIZERS)}")
+    if cfg.implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation={cfg.implementation!r} is not one of {IMPLEMENTATIONS}")
+    groups = param_groups(model, cfg)
     if cfg.name != "adamw":
         if cfg.implementation != "auto":
             warnings.warn(
@@ -35,7 +42,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                 stacklevel=2,
             )
         return LowPrecisionAdamW(
-            [g for g in groups if g["params"]],
+            groups,
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
@@ -47,7 +54,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        groups,
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from treadle.parallel.deepspeed_config import DeepSpeedConfig
+
 AXES = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
@@ -39,6 +41,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     fsdp_prefetch_forward: int = 1  # blocks all-gathered ahead in forward (FSDP2 explicit prefetch)
     fsdp_prefetch_backward: int = 1  # blocks all-gathered ahead in backward
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # with engine=deepspeed
 
 
 @dataclass

@@ -41,9 +41,13 @@ WeightLoader = Callable[[nn.Module], None]
 
 
 class Engine(Protocol):
+    """What the Trainer sees. `backward` is called once per micro-batch of a step (grad_accum times), then
+    `step` once; an engine that accumulates in its own way (DeepSpeed) does so behind these two calls."""
+
     def prepare(
         self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
     ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+    def prepare_batch(self, batch: Batch) -> Batch: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> StepStats: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -162,10 +166,22 @@ def build_engine(
     device: torch.device,
     seed: int,
     fp8_cfg: Float8Config | None = None,
+    *,
+    micro_batch_size: int = 1,
+    grad_accum: int = 1,
 ) -> Engine:
+    """The engine named by `parallel.engine`. The batch split matters only to engines that generate their own
+    runtime config from it (DeepSpeed); the native engine takes whatever the Trainer feeds it."""
     if cfg.engine == "native":
         return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg)
+    if cfg.engine == "deepspeed":
+        # Imported here: the module pulls in DeepSpeed only when this engine is used.
+        from treadle.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(
+            dims, cfg, memory_cfg, device, seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum
+        )
     raise ValueError(
-        f"parallel.engine={cfg.engine!r} is not available in this build; use parallel.engine=native "
-        f"(the deepspeed and megatron engines are separate work items)"
+        f"parallel.engine={cfg.engine!r} is not available in this build; use parallel.engine=native or "
+        f"deepspeed (the megatron engine is a separate work item)"
     )

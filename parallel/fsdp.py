@@ -38,6 +38,10 @@ def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,

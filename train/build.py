@@ -105,7 +105,16 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         model = spec.build(cfg.model, cfg.kernels)
     if cfg.peft.method == "lora":
         apply_lora(model, cfg.peft)
-    engine = build_engine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed, cfg.fp8)
+    engine = build_engine(
+        dims,
+        cfg.parallel,
+        cfg.memory,
+        device,
+        cfg.trainer.seed,
+        cfg.fp8,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        grad_accum=cfg.trainer.grad_accum(dims.dp_size),
+    )
     model, optimizer = engine.prepare(model, cfg.optim, weight_loader(cfg))
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(
@@ -145,8 +154,9 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     trainer = Trainer(cfg.trainer, metric_logger=metric_logger, **trainer_kwargs)
     if resume_from is not None:
         checkpointer.load(resume_from, trainer.app_state())
-    num_params = sum(p.numel() for p in model.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 leaves each parameter empty outside forward/backward; ds_numel is its full size.
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
     source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     trainer.metric_logger.message(

@@ -6,6 +6,8 @@ Layout of one checkpoint, `<dir>/step_<8-digit step>/`:
     __<rank>_<n>.distcp  DCP's per-rank shard files
     rng_rank<r>.pt       rank r's python / numpy / torch CPU / torch CUDA generator states
     treadle.json         step, world size, time, torch version; written last, marks the checkpoint complete
+    deepspeed/           with parallel.engine=deepspeed only: ZeRO partitions written by DeepSpeed itself
+                         (see `WritesFiles`); DCP then holds the rest of the app state
 
 The app state (engine, scheduler, data loader, trainer) is handed to DCP as a dict of `Stateful`s, so DCP
 calls their `state_dict()` / `load_state_dict()` itself. The engine's state holds DTensor shards with their
@@ -36,7 +38,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -63,6 +65,17 @@ class CheckpointConfig:
     resume: str = "auto"
     keep_last: int = 3  # keep the newest k complete checkpoints (0 = keep all)
     async_save: bool = False  # dcp.async_save: training continues while the write finishes
+
+
+@runtime_checkable
+class WritesFiles(Protocol):
+    """A stateful whose state is too large or too layout-specific for DCP (DeepSpeed's ZeRO partitions): it
+    writes its own files into the step directory. `save_files` runs before DCP's save, inside the temporary
+    directory, so the files are covered by the same atomic rename; `load_files` runs after DCP's load. Both
+    are collective."""
+
+    def save_files(self, step_dir: Path) -> None: ...
+    def load_files(self, step_dir: Path) -> None: ...
 
 
 def step_dir_name(step: int) -> str:
@@ -156,6 +169,9 @@ class CheckpointManager:
         self._barrier()
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        for stateful in app_state.values():
+            if isinstance(stateful, WritesFiles):
+                stateful.save_files(tmp)
         self._last_saved_step = step
         if self.cfg.async_save:
             response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._async_group)
@@ -278,6 +294,9 @@ class CheckpointManager:
             )
         try:
             dcp.load(app_state, checkpoint_id=str(path))
+            for stateful in app_state.values():
+                if isinstance(stateful, WritesFiles):
+                    stateful.load_files(path)
         # CheckpointException (DCP's failure on any rank, raised on all of them) is a BaseException.
         except (Exception, CheckpointException) as e:
             raise ValueError(

@@ -18,8 +18,10 @@ from treadle.models.lora import PeftConfig
 from treadle.models.ops import KernelsConfig, build_ops
 from treadle.optim.config import SCHEDULES, OptimConfig
 from treadle.parallel.cp import CP_VARIANTS
+from treadle.parallel.deepspeed_config import build_ds_config, validate_deepspeed
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fp8 import Float8Config
+from treadle.parallel.fsdp import dtype_name, resolve_dtype
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
 from treadle.train.loggers import LoggingConfig
@@ -27,6 +29,7 @@ from treadle.train.loggers import LoggingConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAN_POLICIES = ("skip", "abort")
 WANDB_MODES = ("offline", "online", "disabled")
+ENGINES = ("native", "deepspeed")
 
 
 @dataclass(kw_only=True)
@@ -164,6 +167,17 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"model.sliding_window={model.sliding_window}, and windowed attention is not implemented; "
         f"fix: data.seq_len <= {model.sliding_window}",
     )
+        cfg.parallel.engine in ENGINES,
+        f"parallel.engine={cfg.parallel.engine!r} is not one of {ENGINES}",
+    )
+    if cfg.parallel.engine == "deepspeed":
+        _check(
+            cfg.peft.method == "none" and not cfg.fp8.enabled,
+            "parallel.engine=deepspeed runs full-parameter bf16 training; peft adapters and fp8 linears are "
+            "native-engine plans; fix: parallel.engine=native, or peft=none fp8=none",
+        )
+        validate_deepspeed(cfg.parallel.deepspeed, tp=dims.tp, cp=dims.cp, dp_replicate=dims.dp_replicate)
+        _validate_deepspeed_overrides(cfg, dims)
     _check(
         cfg.parallel.cp_variant in CP_VARIANTS,
         f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",
@@ -186,6 +200,27 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"model.vocab_size={model.vocab_size} must be divisible by parallel.tp={dims.tp} (the embedding and "
         f"output are sharded on the vocabulary); fix: pad model.vocab_size to a multiple of {dims.tp}",
     )
+
+
+def _validate_deepspeed_overrides(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """Generate the DeepSpeed config once here, so that a conflicting override fails before any process
+    group exists (the engine generates the same dict again from the same inputs)."""
+    trainer, parallel = cfg.trainer, cfg.parallel
+    device = torch.device("cuda" if _runs_on_cuda(cfg.run.device) else "cpu")
+    per_step = trainer.micro_batch_size * dims.dp_size
+    build_ds_config(
+        parallel.deepspeed,
+        micro_batch_size=trainer.micro_batch_size,
+        grad_accum=max(1, trainer.global_batch_size // max(per_step, 1)),
+        dp_size=dims.dp_size,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        param_dtype=dtype_name(resolve_dtype(parallel.param_dtype, device, "parallel.param_dtype")),
+        reduce_dtype=dtype_name(resolve_dtype(parallel.reduce_dtype, device, "parallel.reduce_dtype")),
+    )
+
+
+def _runs_on_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:

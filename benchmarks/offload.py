@@ -1,0 +1,247 @@
+"""Offload on one GPU: the largest Llama that trains with ZeRO-3 + NVMe offload (DeepSpeed ZeRO-Infinity, to
+the machine's local disk) vs native FSDP2 + CPU offload vs no offload; tokens/s, TFLOP/s, peak GPU and host
+memory per model size.
+
+    python benchmarks/offload.py --nvme /tmp/treadle_nvme --out benchmarks/results/offload.jsonl
+
+Every (mode, size) case runs in its own process (an OOM, host or device, ends only that case; peaks start
+from zero), sizes grow until a mode fails or runs out of its time. Data are random tokens: the step's cost does
+not depend on them. The reference points are from the Fuyou paper (Liao et al., 2024, Fig. 8): a 13B model on
+one RTX 4090 with SSD offload at 156 TFLOP/s for Fuyou and 45 for ZeRO-Infinity; each NVMe case at 13B is
+reported against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import emit, triton_version, write_lines  # noqa: E402
+
+MODES = ("none", "fsdp_cpu_offload", "zero3_nvme")
+# Llama-shaped sizes (vocab 128256, GQA 8 kv heads), smallest first.
+SIZES = {
+    "1b": dict(dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, ffn_dim=8192),
+    "3b": dict(dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, ffn_dim=8192),
+    "8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, ffn_dim=14336),
+    "13b": dict(dim=5120, num_layers=40, num_heads=40, num_kv_heads=8, ffn_dim=13824),
+    "20b": dict(dim=6144, num_layers=44, num_heads=48, num_kv_heads=8, ffn_dim=16384),
+}
+PAPER = {"fuyou_13b_rtx4090_ssd": 156.0, "zero_infinity_13b_rtx4090_ssd": 45.0}
+
+
+def _model_cfg(size: str, seq_len: int):
+    from treadle.models.llama import ModelConfig
+
+    return ModelConfig(vocab_size=128256, max_seq_len=seq_len, rope_theta=500000.0, **SIZES[size])
+
+
+def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
+    """One case in this process (world of one); returns its measurements."""
+    from treadle.memory.checkpointing import MemoryConfig
+    from treadle.models.llama import Llama, flops_per_token
+    from treadle.optim.config import OptimConfig
+    from treadle.parallel.deepspeed_config import DeepSpeedConfig
+    from treadle.parallel.dims import ParallelConfig, ParallelDims
+    from treadle.parallel.engine import build_engine
+    from treadle.train.build import process_group
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    cfg = _model_cfg(size, args.seq_len)
+    with process_group(device, "nccl"):
+        dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, world_size=1)
+        dims.build_mesh("cuda")
+        # Full activation checkpointing in every mode: the comparison is about parameter/optimizer memory.
+        memory = MemoryConfig(activation_checkpoint="full")
+        with torch.device("meta"):
+            model = Llama(cfg)
+        optim = OptimConfig(lr=1e-4)
+        if mode == "fsdp_cpu_offload":
+            model, optimizer, step = _fsdp_cpu_offload(model, dims, memory, device, optim)
+        else:
+            parallel = ParallelConfig(
+                engine="deepspeed" if mode == "zero3_nvme" else "native", param_dtype="bf16"
+            )
+            if mode == "zero3_nvme":
+                parallel.deepspeed = DeepSpeedConfig(
+                    zero_stage=3,
+                    offload_param="nvme",
+                    offload_optimizer="nvme",
+                    nvme_path=args.nvme,
+                    param_buffer_size=max(100_000_000, cfg.vocab_size * cfg.dim),
+                )
+            engine = build_engine(
+                dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size
+            )
+            model, optimizer = engine.prepare(model, optim)
+            step = engine
+        tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len + 1), device=device)
+        times = []
+        for i in range(args.steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss, count = model(tokens[:, :-1], labels_BS=tokens[:, 1:])
+            step.backward(loss / count)
+            step.step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if i == 0:
+                torch.cuda.reset_peak_memory_stats(device)
+        step_s = sum(times[1:]) / len(times[1:])  # the first step builds kernels, buffers, swap files
+        tokens_per_s = args.micro_batch_size * args.seq_len / step_s
+        return {
+            "params_b": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e9,
+            "step_s": step_s,
+            "tokens_per_s": tokens_per_s,
+            "tflops": tokens_per_s * flops_per_token(cfg, args.seq_len) / 1e12,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+
+
+class _Stepper:
+    """backward/step for the FSDP2 CPU-offload case (same shape as an Engine's)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _fsdp_cpu_offload(model, dims, memory, device, optim):
+    """FSDP2 with torch's CPUOffloadPolicy passed directly (parameters, gradients and the AdamW step on the
+    host; each block's parameters are copied to the GPU for its forward/backward)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from treadle.memory.checkpointing import apply_activation_checkpointing
+    from treadle.optim.builder import build_optimizer
+
+    apply_activation_checkpointing(model.layers, memory)
+    policy = dict(
+        mesh=dims.fsdp_mesh(),
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy(pin_memory=True),
+    )
+    for block in model.layers.values():
+        fully_shard(block, **policy)
+    fully_shard(model, **policy)
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    optimizer = build_optimizer(model, optim, torch.device("cpu"))
+    return model, optimizer, _Stepper(model, optimizer)
+
+
+def _rows(mode: str, size: str, result: dict, ref: dict | None, device: str) -> list[dict]:
+    base = {
+        "bench": "offload",
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "date": date.today().isoformat(),
+        "params_b": round(result["params_b"], 2),
+    }
+    case = f"{mode}_llama{size}"
+    rows = []
+    for metric, higher in (("tflops", True), ("tokens_per_s", True), ("peak_gpu_gib", False),
+                           ("peak_host_gib", False)):  # fmt: skip
+        peer, peer_value = ("none", ref[metric]) if ref is not None and mode != "none" else (None, None)
+        ratio = result[metric] / peer_value if peer_value else None
+        rows.append(
+            base
+            | {
+                "case": case,
+                "metric": metric,
+                "value": round(result[metric], 3),
+                "peer": peer,
+                "peer_value": peer_value,
+                "ratio": ratio,
+                "higher_is_better": higher,
+            }  # fmt: skip
+        )
+    if mode == "zero3_nvme" and size == "13b":
+        for peer, value in PAPER.items():
+            rows.append(
+                base
+                | {
+                    "case": case,
+                    "metric": "tflops",
+                    "value": round(result["tflops"], 3),
+                    "peer": peer,
+                    "peer_value": value,
+                    "ratio": result["tflops"] / value,
+                    "higher_is_better": True,
+                }  # fmt: skip
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", nargs=2, metavar=("MODE", "SIZE"), help="run one case (internal)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--nvme", default="/tmp/treadle_nvme", help="swap directory on the local disk")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--case-timeout-s", type=float, default=150.0)
+    parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting cases after this")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(*args.case, args)), flush=True)
+        return
+    Path(args.nvme).mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0)
+    start, rows, largest = time.time(), [], {}
+    refs: dict[str, dict] = {}
+    for mode in args.modes:
+        for size in args.sizes:
+            left = args.budget_s - (time.time() - start)
+            if left < 30:
+                print(f"# budget spent: {mode} {size} not run", flush=True)
+                break
+            cmd = [sys.executable, __file__, "--case", mode, size, "--nvme", args.nvme, "--seq-len",
+                   str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps)]  # fmt: skip
+            try:
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=min(args.case_timeout_s, left)
+                )
+                out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                failure = None if out else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            except subprocess.TimeoutExpired:
+                out, failure = [], f"timeout after {min(args.case_timeout_s, left):.0f}s"
+            if failure:
+                print(f"# {mode} {size}: failed ({failure[:300]})", flush=True)
+                break  # larger sizes fail too
+            result = json.loads(out[0][len("RESULT ") :])
+            if mode == "none":
+                refs[size] = result
+            largest[mode] = (size, result["params_b"])
+            rows += emit(_rows(mode, size, result, refs.get(size), device))
+    for mode, (size, params) in largest.items():
+        print(f"# largest that trains with {mode}: llama {size} ({params:.2f}B params)", flush=True)
+    if args.out is not None:
+        write_lines(rows, args.out)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

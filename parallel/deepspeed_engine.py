@@ -1,0 +1,223 @@
+"""`DeepSpeedEngine`: the Trainer's Engine on `deepspeed.initialize` (ZeRO-1/2/3, CPU and NVMe offload).
+
+The model, data, loop, loss normalisation, optimizer (optim/) and LR schedule are ours; DeepSpeed owns
+partitioning, gradient reduction, clipping and the optimizer step. The DeepSpeed config is generated from the
+typed config (parallel/deepspeed_config.py).
+
+Loss scale: the Trainer divides each micro-batch's summed loss by the global token count and multiplies it by
+the data-parallel size, because the gradient reduction averages over ranks (FSDP does, and so does ZeRO:
+reduce-scatter/all-reduce then divide by the world size, `gradient_predivide_factor=1`). DeepSpeed's
+`backward` would also divide by the accumulation steps (`scale_wrt_gas`); the Trainer's normalisation already
+covers them, so it is called with `scale_wrt_gas=False`. The result is the gradient of the global mean loss,
+as with the native engine.
+
+Accumulation: DeepSpeed counts micro-steps itself and reduces gradients (stage 1/2: all-reduce or reduce-
+scatter of the buckets; stage 3: reduce-scatter per partitioned parameter) during the backward of the last
+micro-batch of a step. Its `step()` must follow every micro-batch's backward to advance that count; here the
+engine calls it after each non-final backward (a no-op update), and `step()` calls it on the boundary.
+
+Checkpoints: ZeRO's partitioned fp32 master weights and optimizer states are written by DeepSpeed's own
+`save_checkpoint` into `<step dir>/deepspeed/` (so resume is exact), inside the CheckpointManager's atomic
+step directory, next to the DCP files of the scheduler, data loader and trainer. `launch/convert_deepspeed.py`
+turns such a checkpoint into a plain DCP model checkpoint or HF weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
+from treadle.optim.builder import build_optimizer, param_groups
+from treadle.optim.config import OptimConfig
+from treadle.parallel.deepspeed_config import build_ds_config
+from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.engine import StepStats, WeightLoader
+from treadle.parallel.fsdp import dtype_name, resolve_dtype
+from treadle.train.data import Batch
+
+logger = logging.getLogger(__name__)
+
+DS_SUBDIR = "deepspeed"  # inside a checkpoint step directory
+DS_TAG = "zero"
+# An arch-specific or family-specific target of TORCH_CUDA_ARCH_LIST ("9.0a", "10.0f", "12.0a+PTX").
+_ARCH_VARIANT = re.compile(r"^(\d+)\.(\d+)[af](\+PTX)?$")
+
+
+def sanitize_cuda_arch_list(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """Drop the `a`/`f` variant suffixes from TORCH_CUDA_ARCH_LIST; returns the new value if it changed.
+
+    DeepSpeed 0.19's op builder (`CUDAOpBuilder.compute_capability_args`, op_builder/builder.py:710 and :744)
+    parses each entry as `int(major)`, `int(minor.split('+')[0])`, so "9.0a" (valid for torch >= 2.11 and set
+    by CUDA 13 images) fails with `ValueError: invalid literal for int() with base 10: '0a'` as soon as any
+    CUDA op is JIT-built (async_io for NVMe offload, fused Adam). DeepSpeed's kernels use no sm_90a-only
+    instructions, so the generic target of the same architecture is what they need.
+    """
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [e for e in value.replace(";", " ").split() if e]
+    fixed: list[str] = []
+    for entry in entries:
+        match = _ARCH_VARIANT.match(entry)
+        plain = f"{match.group(1)}.{match.group(2)}{match.group(3) or ''}" if match else entry
+        if plain not in fixed:
+            fixed.append(plain)
+    if fixed == entries:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
+    return environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed for `device`: its accelerator is chosen once, at first import, from DS_ACCELERATOR.
+
+    On CPU DeepSpeed's CPU accelerator talks gloo when oneCCL is absent (it reports
+    `communication_backend_name() == "gloo"`), and it reuses the process group that build.py created.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    fixed = sanitize_cuda_arch_list()
+    if fixed is not None:
+        logger.warning("TORCH_CUDA_ARCH_LIST rewritten to %s for DeepSpeed's op builder", fixed)
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ValueError(
+            "parallel.engine=deepspeed needs the deepspeed package; fix: pip install -e '.[deepspeed]'"
+        ) from err
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    """ZeRO-1/2/3 through `deepspeed.initialize`; see the module docstring for the loss scale and checkpoints."""
+
+    def __init__(
+        self,
+        dims: ParallelDims,
+        cfg: ParallelConfig,
+        memory_cfg: MemoryConfig,
+        device: torch.device,
+        seed: int,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+    ):
+        self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
+        self.device, self.seed = device, seed
+        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        self.ds: Any = None  # deepspeed.DeepSpeedEngine, after prepare()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def ds_config(self, optim_cfg: OptimConfig) -> dict[str, Any]:
+        return build_ds_config(
+            self.cfg.deepspeed,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=self.grad_accum,
+            dp_size=self.dims.dp_size,
+            clip_grad_norm=optim_cfg.clip_grad_norm,
+            param_dtype=dtype_name(resolve_dtype(self.cfg.param_dtype, self.device, "parallel.param_dtype")),
+            reduce_dtype=dtype_name(
+                resolve_dtype(self.cfg.reduce_dtype, self.device, "parallel.reduce_dtype")
+            ),
+        )
+
+    def prepare(
+        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Materialise and initialise the full model (then `load_weights`, e.g. Hugging Face weights), then let
+        DeepSpeed partition it and wrap the optimizer.
+
+        Every rank initialises the same full weights from the seed (models.init draws per parameter name),
+        so ZeRO-3's partitions equal the native engine's shards. With parameter offload the weights are
+        materialised on the host; DeepSpeed then moves them to the device in `param_dtype` and partitions
+        them, so the model must fit the device once in that dtype during initialisation.
+        """
+        deepspeed = import_deepspeed(self.device)
+        ds_cfg = self.cfg.deepspeed
+        if self.cfg.compile:
+            warnings.warn("parallel.compile=true has no effect with parallel.engine=deepspeed", stacklevel=2)
+        apply_activation_checkpointing(model.layers, self.memory_cfg)
+        model.to_empty(device="cpu" if ds_cfg.offload_param != "none" else self.device)
+        model.init_weights(self.seed)
+        if load_weights is not None:
+            load_weights(model)
+        self.optimizer = self._build_optimizer(model, optim_cfg)
+        # The scheduler stays ours (the Trainer steps it); DeepSpeed's lr_scheduler would step it a second time.
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=self.ds_config(optim_cfg), dist_init_required=False
+        )
+        return self.ds, self.optimizer
+
+    def _build_optimizer(self, model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+        if optim_cfg.name != "adamw":
+            raise ValueError(
+                f"optim.name={optim_cfg.name!r} is not supported with parallel.engine=deepspeed (ZeRO steps the "
+                f"optimizer on flattened fp32 partitions); fix: optim.name=adamw or parallel.engine=native"
+            )
+        if self.cfg.deepspeed.offload_optimizer == "none":
+            return build_optimizer(model, optim_cfg, self.device)
+        # ZeRO-Offload steps on the host: DeepSpeed's vectorised CPU Adam (AdamW mode), JIT-built on first use.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            param_groups(model, optim_cfg),
+            lr=optim_cfg.lr,
+            betas=tuple(optim_cfg.betas),
+            eps=optim_cfg.eps,
+            adamw_mode=True,
+        )
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        return batch
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # advances DeepSpeed's micro-step count; no update off the boundary
+
+    def step(self) -> StepStats:
+        """Clip, step and zero gradients on the accumulation boundary. ZeRO skips the update itself when the
+        global gradient norm is not finite (the same decision on every rank, from the all-reduced norm)."""
+        assert self.ds.is_gradient_accumulation_boundary(), (
+            "DeepSpeedEngine.step() off the accumulation boundary: the Trainer ran a number of backward "
+            "calls other than trainer.global_batch_size / (micro_batch_size × dp size)"
+        )
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        return StepStats(grad_norm=grad_norm, skipped=not self.ds.was_step_applied())
+
+    # DCP holds only what identifies the DeepSpeed files; they are written and read by save/load_files.
+    def state_dict(self) -> dict[str, Any]:
+        return {"zero_stage": self.cfg.deepspeed.zero_stage, "world_size": self.dims.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (int(state_dict["zero_stage"]), int(state_dict["world_size"]))
+        if saved != (self.cfg.deepspeed.zero_stage, self.dims.world_size):
+            raise ValueError(
+                f"this DeepSpeed checkpoint was written with parallel.deepspeed.zero_stage={saved[0]} on "
+                f"{saved[1]} ranks, this run has zero_stage={self.cfg.deepspeed.zero_stage} on "
+                f"{self.dims.world_size}; ZeRO partitions only load into the same layout; fix: resume with the "
+                f"same settings, or convert it with launch/convert_deepspeed.py and start from the weights"
+            )
+
+    def save_files(self, step_dir: Path) -> None:
+        """Collective: every rank writes its ZeRO partition under `<step_dir>/deepspeed/`."""
+        self.ds.save_checkpoint(str(step_dir / DS_SUBDIR), tag=DS_TAG, save_latest=False)
+
+    def load_files(self, step_dir: Path) -> None:
+        path, _ = self.ds.load_checkpoint(
+            str(step_dir / DS_SUBDIR),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise ValueError(f"{step_dir} has no DeepSpeed checkpoint under {DS_SUBDIR}/{DS_TAG}")
