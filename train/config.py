@@ -167,6 +167,7 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"model.sliding_window={model.sliding_window}, and windowed attention is not implemented; "
         f"fix: data.seq_len <= {model.sliding_window}",
     )
+    _check(
         cfg.parallel.engine in ENGINES,
         f"parallel.engine={cfg.parallel.engine!r} is not one of {ENGINES}",
     )
