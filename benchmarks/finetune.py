@@ -100,6 +100,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--qlora", action="store_true", help="also time treadle with an NF4 base")
+    parser.add_argument(
+        "--vs", action="append", default=[], metavar="NAME=OVERRIDES",
+        help="also time treadle with these Hydra overrides, e.g. qlora_eager='peft=qlora parallel.compile=false'",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -149,8 +153,8 @@ def main() -> None:
     lines = []
     peer = summary["hf_peft"]
     for name in [n for n in summary if n != "hf_peft"]:
-        method = "qlora_nf4" if name.endswith("qlora") else "lora"
-        case = f"{args.model}_{method}_r16_all_linear_S{args.seq}_mb{args.micro_batch}_gb{args.global_batch}_fullAC"
+        variant = name.removeprefix("treadle").removeprefix("_") or "lora"
+        case = f"{args.model}_{variant}_r16_all_linear_S{args.seq}_mb{args.micro_batch}_gb{args.global_batch}_fullAC"
         for metric, higher in (
             ("tokens_per_s", True),
             ("tflops_per_device", True),

@@ -61,8 +61,11 @@ def apply_fsdp(
             param.data = param.data.to(param_dtype)
     # Pinned host memory makes the host-device copies asynchronous; it needs CUDA.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    # With one rank on the shard axis there is nothing to free: resharding would only repeat the copy.
-    reshard = cfg.reshard_after_forward and mesh.size(mesh.ndim - 1) > 1
+    # With one rank on the shard axis resharding frees only FSDP's unsharded copy of the parameters, at the cost
+    # of repeating that copy in backward: worth it when frozen weights (a LoRA base) are most of the memory, since
+    # the copy would double them; otherwise a trainable parameter's gradient and optimizer state dwarf it.
+    has_frozen = any(not p.requires_grad for p in model.parameters())
+    reshard = cfg.reshard_after_forward and (mesh.size(mesh.ndim - 1) > 1 or has_frozen)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: resharding them is wasted work.
