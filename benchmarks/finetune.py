@@ -121,11 +121,14 @@ def main() -> None:
 
     results = {"treadle": run_treadle(cfg, args.steps, args.warmup)}
     batches = results["treadle"]["batches"]
+    variants = dict(v.split("=", 1) for v in args.vs)
     if args.qlora:
+        variants = {"qlora": "peft=qlora", **variants}
+    for name, extra in variants.items():
         gc.collect()
         torch.cuda.empty_cache()
-        results["treadle_qlora"] = run_treadle(
-            load_config([*overrides, "peft=qlora"]), args.steps, args.warmup
+        results[f"treadle_{name}"] = run_treadle(
+            load_config([*overrides, *extra.split()]), args.steps, args.warmup
         )
     gc.collect()
     torch.cuda.empty_cache()
