@@ -68,24 +68,22 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
             model = Llama(cfg)
         optim = OptimConfig(lr=1e-4)
         if mode == "fsdp_cpu_offload":
-            model, optimizer, step = _fsdp_cpu_offload(model, dims, memory, device, optim)
-        else:
-            parallel = ParallelConfig(
-                engine="deepspeed" if mode == "zero3_nvme" else "native", param_dtype="bf16"
+            # FSDP2's CPUOffloadPolicy: parameters, gradients and the AdamW step on the host.
+            memory.param_offload = "cpu"
+        parallel = ParallelConfig(
+            engine="deepspeed" if mode == "zero3_nvme" else "native", param_dtype="bf16"
+        )
+        if mode == "zero3_nvme":
+            parallel.deepspeed = DeepSpeedConfig(
+                zero_stage=3,
+                offload_param="nvme",
+                offload_optimizer="nvme",
+                nvme_path=args.nvme,
+                param_buffer_size=max(100_000_000, cfg.vocab_size * cfg.dim),
             )
-            if mode == "zero3_nvme":
-                parallel.deepspeed = DeepSpeedConfig(
-                    zero_stage=3,
-                    offload_param="nvme",
-                    offload_optimizer="nvme",
-                    nvme_path=args.nvme,
-                    param_buffer_size=max(100_000_000, cfg.vocab_size * cfg.dim),
-                )
-            engine = build_engine(
-                dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size
-            )
-            model, optimizer = engine.prepare(model, optim)
-            step = engine
+        engine = build_engine(dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size)
+        model, optimizer = engine.prepare(model, optim)
+        step = engine
         tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len + 1), device=device)
         times = []
         for i in range(args.steps):
@@ -108,44 +106,6 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
             "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
-
-
-class _Stepper:
-    """backward/step for the FSDP2 CPU-offload case (same shape as an Engine's)."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-def _fsdp_cpu_offload(model, dims, memory, device, optim):
-    """FSDP2 with torch's CPUOffloadPolicy passed directly (parameters, gradients and the AdamW step on the
-    host; each block's parameters are copied to the GPU for its forward/backward)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from treadle.memory.checkpointing import apply_activation_checkpointing
-    from treadle.optim.builder import build_optimizer
-
-    apply_activation_checkpointing(model.layers, memory)
-    policy = dict(
-        mesh=dims.fsdp_mesh(),
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-        offload_policy=CPUOffloadPolicy(pin_memory=True),
-    )
-    for block in model.layers.values():
-        fully_shard(block, **policy)
-    fully_shard(model, **policy)
-    model.to_empty(device="cpu")
-    model.init_weights(0)
-    optimizer = build_optimizer(model, optim, torch.device("cpu"))
-    return model, optimizer, _Stepper(model, optimizer)
 
 
 def _rows(mode: str, size: str, result: dict, ref: dict | None, device: str) -> list[dict]:
