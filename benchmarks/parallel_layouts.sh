@@ -11,9 +11,12 @@ rm -f "$summary"
 run() { timeout "${LIMIT:-150}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py --summary "$summary" "$@" 2>&1 | grep -E "^# |Error|error:" | tail -3; }
 
 timed="--steps ${STEPS:-20} --warmup 2 --profile"
+# ONLY_FIT=1: just the longest-sequence runs (their records land in summary.jsonl, not combined).
+if [ "${ONLY_FIT:-0}" != 1 ]; then
 run --name fsdp2 $timed parallel.dp_shard=2 trainer.micro_batch_size=2 trainer.global_batch_size=4
 run --name tp2_sp $timed parallel.tp=2 trainer.micro_batch_size=4 trainer.global_batch_size=4
 run --name tp2_sp_async $timed parallel.tp=2 parallel.async_tp=true trainer.micro_batch_size=4 trainer.global_batch_size=4
+fi
 
 [ "${SKIP_FIT:-0}" = 1 ] && { python3 benchmarks/step.py --combine "$summary" --baseline fsdp2 --case llama3_1b_S4096 --out "$OUT/step_parallel.jsonl"; exit; }
 fit="--steps 1 --warmup 1 parallel.compile=false kernels.loss=triton model.max_seq_len=1048576 trainer.micro_batch_size=1"
@@ -23,4 +26,4 @@ done
 for seq in 131072 262144; do
   run --name "fit:cp2:S$seq" $fit data.seq_len=$seq parallel.cp=2 parallel.cp_variant=ulysses trainer.global_batch_size=1
 done
-python3 benchmarks/step.py --combine "$summary" --baseline fsdp2 --case llama3_1b_S4096 --out "$OUT/step_parallel.jsonl"
+[ "${ONLY_FIT:-0}" = 1 ] || python3 benchmarks/step.py --combine "$summary" --baseline fsdp2 --case llama3_1b_S4096 --out "$OUT/step_parallel.jsonl"
