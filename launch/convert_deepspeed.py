@@ -11,14 +11,13 @@ weights with DeepSpeed's `zero_to_fp32` (CPU only, no process group; it needs ho
 - `dcp`: the weights as a DCP checkpoint under the key the native engine uses (`engine.model.<name>`), so
   `dcp.load({"engine": {"model": get_model_state_dict(model)}}, ...)` loads them into a model at any layout.
   Optimizer states are not converted: ZeRO's flat partitions have no per-parameter layout to map.
-- `hf`: `config.json` (LlamaForCausalLM) + `model.safetensors`. Our Llama already uses Hugging Face's module
-  names and its RoPE layout (rotate-half), so the mapping is a `model.` prefix, and no lm_head when tied.
+- `hf`: a Hugging Face model directory written by `treadle.models.hf` (config.json + safetensors), which
+  transformers loads unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -51,54 +50,17 @@ def to_dcp(state: dict[str, torch.Tensor], out: Path) -> None:
     dcp.save({"engine": {"model": state}}, checkpoint_id=str(out), no_dist=True)
 
 
-def hf_config(model_cfg: dict) -> dict:
-    """LlamaForCausalLM's config.json from our `model` config section."""
-    dim, num_heads = model_cfg["dim"], model_cfg["num_heads"]
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": dim,
-        "intermediate_size": model_cfg["ffn_dim"],
-        "num_hidden_layers": model_cfg["num_layers"],
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": model_cfg["num_kv_heads"],
-        "head_dim": dim // num_heads,
-        "vocab_size": model_cfg["vocab_size"],
-        "rms_norm_eps": model_cfg["norm_eps"],
-        "rope_theta": model_cfg["rope_theta"],
-        "max_position_embeddings": model_cfg["max_seq_len"],
-        "tie_word_embeddings": model_cfg["tie_embeddings"],
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": model_cfg["init_std"],
-    }
-    scaling = model_cfg.get("rope_scaling")
-    if scaling:
-        config["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": scaling["factor"],
-            "low_freq_factor": scaling["low_freq_factor"],
-            "high_freq_factor": scaling["high_freq_factor"],
-            "original_max_position_embeddings": scaling["original_max_seq_len"],
-        }
-    return config
+def to_hf(state: dict[str, torch.Tensor], config: Path, out: Path, dtype: torch.dtype) -> None:
+    """Through `treadle.models.hf.write_hf`, the same writer as every other Hugging Face export."""
+    from omegaconf import OmegaConf
 
+    from treadle.models.hf import write_hf
+    from treadle.models.llama import ModelConfig
 
-def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {(name if name == "lm_head.weight" else f"model.{name}"): t.to(dtype) for name, t in state.items()}
-
-
-def to_hf(state: dict[str, torch.Tensor], model_cfg: dict, out: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
-
-    if model_cfg.get("ffn_dim") is None:
-        raise ValueError(
-            "model.ffn_dim is null in the config; fix: pass a config.yaml with model.ffn_dim set"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
-    save_file(hf_state_dict(state, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    model_cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(config).model)
+    )
+    write_hf(state.items(), model_cfg, out, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.config is None:
             parser.error("--to hf needs --config <run dir>/config.yaml (the model's shape)")
-        from omegaconf import OmegaConf
-
-        model_cfg = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)
-        to_hf(state, model_cfg, args.out, DTYPES[args.dtype])
+        to_hf(state, args.config, args.out, DTYPES[args.dtype])
     print(
         f"wrote {args.out} ({len(state)} tensors, {sum(t.numel() for t in state.values()) / 1e6:.2f}M params)"
     )

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -381,6 +381,22 @@ def architecture_of(cfg: ModelConfig) -> str:
     return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
 
 
+def write_hf(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write (our parameter name, full tensor) pairs as a Hugging Face model directory: config.json,
+    safetensors shards (+ index) and the tokenizer files of `cfg.pretrained` when there is one."""
+    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
+    for name, tensor in tensors:
+        writer.add(hf_name(name), tensor.to(dtype))
+    return writer.finish(hf_config_from_model(cfg, architecture_of(cfg), dtype), cfg.pretrained)
+
+
 def export_hf(
     model: nn.Module,
     cfg: ModelConfig,
@@ -389,17 +405,13 @@ def export_hf(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path | None:
-    """Write `model` (adapters merged) as a Hugging Face model directory that transformers loads unchanged:
-    config.json, safetensors shards (+ index) and the tokenizer files of `cfg.pretrained` when there is one.
+    """Write `model` (adapters merged) as a Hugging Face model directory that transformers loads unchanged.
 
     Every rank must call this (parameters are gathered one at a time); rank 0 writes and returns the directory.
     """
-    architecture = architecture_of(cfg)
-    is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes) if is_writer else None
-    for name, tensor in dense_tensors(model):
-        if writer is not None:
-            writer.add(hf_name(name), tensor.to(dtype))
-    if writer is None:
+    tensors = dense_tensors(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        for _ in tensors:  # take part in every gather
+            pass
         return None
-    return writer.finish(hf_config_from_model(cfg, architecture, dtype), cfg.pretrained)
+    return write_hf(tensors, cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)

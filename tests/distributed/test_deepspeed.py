@@ -96,6 +96,11 @@ def _check_conversion(step_dir: Path, config: Path, tmp_path: Path) -> None:
     hf = load_file(tmp_path / "hf" / "model.safetensors")
     assert hf.keys() == {f"model.{name}" for name in state}
     torch.testing.assert_close(hf["model.norm.weight"], state["norm.weight"], rtol=0, atol=0)
+    transformers = pytest.importorskip("transformers")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    torch.testing.assert_close(
+        reloaded.model.layers[0].mlp.down_proj.weight, state["layers.0.mlp.down_proj.weight"]
+    )
     main([str(step_dir), "--to", "dcp", str(tmp_path / "dcp")])
     loaded = {"engine": {"model": {name: torch.empty_like(t) for name, t in state.items()}}}
     dcp.load(loaded, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
