@@ -24,12 +24,11 @@ import datetime
 import gc
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 from _results import emit, triton_version
-from step import run_treadle
+from step import _timed, hf_step, run_treadle
 
 from treadle.models import get_model_spec
 from treadle.train.config import TrainConfig, load_config
@@ -59,34 +58,9 @@ def run_hf_peft(cfg: TrainConfig, batches: list, steps: int, warmup: int) -> dic
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, fused=True)
     torch.cuda.reset_peak_memory_stats()
-    state = {"i": 0}
-
-    def step() -> float:
-        micro_batches = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        total = 0.0
-        for batch in micro_batches:
-            tokens = batch.tokens.cuda(non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=tokens, labels=tokens).loss / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(total)
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    losses = [step() for _ in range(steps)]
-    torch.cuda.synchronize()
-    return {
-        "seconds": time.perf_counter() - start,
-        "losses": losses,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    step = hf_step(model, batches, optimizer, trainable, cfg.optim.clip_grad_norm)
+    seconds, losses = _timed(step, steps, warmup)
+    return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main() -> None:

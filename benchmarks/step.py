@@ -210,6 +210,31 @@ def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
     emit(lines, out, append=True)
 
 
+def hf_step(forward, batches: list, optimizer, params: list, clip: float, scheduler=None):
+    """One optimizer step of a transformers model per call, over the next group of micro-batches: bf16 autocast,
+    loss averaged over the micro-batches, global-norm clipping, then the optimizer (and schedule) step."""
+    state = {"i": 0}
+
+    def step() -> float:
+        micro_batches = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        total = 0.0
+        for batch in micro_batches:
+            tokens = batch.tokens.cuda(non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = forward(input_ids=tokens, labels=tokens).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+    return step
+
+
 def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -250,24 +275,7 @@ def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_mod
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     forward = torch.compile(model) if compile_model else model
     torch.cuda.reset_peak_memory_stats()
-    state = {"i": 0}
-
-    def step() -> float:
-        micro_batches = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        total = 0.0
-        for batch in micro_batches:
-            tokens = batch.tokens.cuda(non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = forward(input_ids=tokens, labels=tokens).loss / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(total)
-
+    step = hf_step(forward, batches, optimizer, list(model.parameters()), cfg.optim.clip_grad_norm, scheduler)
     seconds, losses = _timed(step, steps, warmup)
     return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
