@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -36,3 +37,10 @@ def main(raw: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    # The run is finished: checkpoints are on disk, loggers closed, the process group destroyed. Interpreter
+    # teardown can still abort (std::terminate on a gloo thread that is destroyed while joinable; seen
+    # occasionally on CPU runs), which would turn a finished run into exit code -6 and make torchrun or SLURM
+    # restart it; so the process ends here, after flushing its streams.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
