@@ -80,6 +80,10 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
                 offload_optimizer="nvme",
                 nvme_path=args.nvme,
                 param_buffer_size=max(100_000_000, cfg.vocab_size * cfg.dim),
+                # Every swapped-in parameter holds one whole buffer while it is live, and ZeRO-3 keeps the
+                # current block's and the prefetched block's parameters live: two blocks' worth, plus the
+                # embedding and output (5, DeepSpeed's default, fails with "Not enough buffers" at 3B).
+                param_buffer_count=2 * sum(1 for _ in model.layers["0"].parameters()) + 4,
             )
         engine = build_engine(dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size)
         model, optimizer = engine.prepare(model, optim)
