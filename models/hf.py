@@ -253,16 +253,17 @@ def local_index(param: torch.Tensor) -> tuple[slice, ...]:
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, model_dir: str | Path, *, skip: tuple[str, ...] = ()) -> int:
+def load_hf_weights(model: nn.Module, model_dir: str | Path) -> int:
     """Copy the checkpoint into `model`'s (possibly sharded) parameters in place; returns the number loaded.
 
-    Parameters whose names end with one of `skip` (adapters that the checkpoint does not have) are left alone.
+    LoRA adapters (which the checkpoint does not have) are left alone; NF4 bases are quantized from the full
+    tensor, which every rank reads (they are not sharded).
     """
     checkpoint = SafetensorsCheckpoint(model_dir)
     loaded: set[str] = set()
     try:
         for name, param in model.named_parameters():
-            if name.endswith(skip) or ".lora_" in name:
+            if ".lora_" in name:
                 continue
             key = hf_name(name)
             index = local_index(param)
@@ -276,10 +277,12 @@ def load_hf_weights(model: nn.Module, model_dir: str | Path, *, skip: tuple[str,
                 loaded.add(key)
     finally:
         checkpoint.close()
-    ignored = [k for k in checkpoint.files if k not in loaded and "rotary_emb" not in k]
-    tied_head = ["lm_head.weight"] if getattr(model, "lm_head", 0) is None else []
-    if [k for k in ignored if k not in tied_head]:
-        logger.warning("model.pretrained: %d checkpoint tensors unused, e.g. %s", len(ignored), ignored[:3])
+    # Checkpoints of tied models may still carry lm_head.weight; old ones carry RoPE buffers.
+    unused = [
+        k for k in checkpoint.files if k not in loaded and "rotary_emb" not in k and k != "lm_head.weight"
+    ]
+    if unused:
+        logger.warning("model.pretrained: %d checkpoint tensors unused, e.g. %s", len(unused), unused[:3])
     return len(loaded)
 
 
