@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -33,6 +33,46 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from treadle.models.lora import LoRALinear
+
+
+def _distribute_own(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
+    for name, param in list(module.named_parameters(recurse=False)):
+        sharded = distribute_tensor(param, mesh, [placements[name]], src_data_rank=None)
+        module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
+class LoRAColwiseParallel(ColwiseParallel):
+    """Column-wise TP of a `LoRALinear`: the base weight (and bias) and B are sharded on output rows, A is
+    replicated, so y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ yields each rank's output columns with no communication beyond the
+    base layer's (the replicated input's all-gather forward, reduce-scatter of its gradient backward); A's
+    gradient is a partial sum over ranks, which FSDP all-reduces back to the replicated placement."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        placements = {"": {"weight": Shard(0), "bias": Shard(0)}, "lora_A": {"weight": Replicate()},
+                      "lora_B": {"weight": Shard(0)}}  # fmt: skip
+        if name in placements:
+            _distribute_own(module, device_mesh, placements[name])
+
+
+class LoRARowwiseParallel(RowwiseParallel):
+    """Row-wise TP of a `LoRALinear`: the base weight and A are sharded on input columns, B (and the bias) are
+    replicated; both x·Wᵀ and (x·Aᵀ)·Bᵀ are partial sums, added before the layer's one reduce(-scatter)."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        placements = {"": {"weight": Shard(1), "bias": Replicate()}, "lora_A": {"weight": Shard(1)},
+                      "lora_B": {"weight": Replicate()}}  # fmt: skip
+        if name in placements:
+            _distribute_own(module, device_mesh, placements[name])
+
+
+def _colwise(module: nn.Module) -> ColwiseParallel:
+    return LoRAColwiseParallel() if isinstance(module, LoRALinear) else ColwiseParallel()
+
+
+def _rowwise(module: nn.Module, **kwargs: Placement) -> RowwiseParallel:
+    return LoRARowwiseParallel(**kwargs) if isinstance(module, LoRALinear) else RowwiseParallel(**kwargs)
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:
@@ -49,6 +89,8 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Shard `model` (still on the meta device) over `tp_mesh` in place."""
+    # torch's styles re-create the parameters they shard as trainable; frozen ones (a LoRA base) stay frozen.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     stream = Shard(1) if sequence_parallel else Replicate()
     norm_style = SequenceParallel() if sequence_parallel else None
     root_plan = {
@@ -69,16 +111,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) 
                 input_layouts=(stream, None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None),
             ),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=stream),
+            "self_attn.q_proj": _colwise(block.self_attn.q_proj),
+            "self_attn.k_proj": _colwise(block.self_attn.k_proj),
+            "self_attn.v_proj": _colwise(block.self_attn.v_proj),
+            "self_attn.o_proj": _rowwise(block.self_attn.o_proj, output_layouts=stream),
             "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+            "mlp.gate_proj": _colwise(block.mlp.gate_proj),
+            "mlp.up_proj": _colwise(block.mlp.up_proj),
+            "mlp.down_proj": _rowwise(block.mlp.down_proj, output_layouts=stream),
         }
         if norm_style is not None:
             plan["input_layernorm"] = norm_style
             plan["post_attention_layernorm"] = norm_style
         parallelize_module(block, tp_mesh, plan)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)

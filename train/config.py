@@ -157,9 +157,12 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         if dims.tp == 1:
             warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=3)
     _check(
-        cfg.peft.method == "none" or dims.tp == 1,
-        f"peft.method={cfg.peft.method} with parallel.tp={dims.tp}: adapters under tensor parallelism are not "
-        "supported; fix: parallel.tp=1 (FSDP still shards the frozen base over all ranks)",
+        dims.tp == 1
+        or cfg.peft.method == "none"
+        or not (cfg.peft.use_dora or cfg.peft.quantize_base != "none"),
+        f"parallel.tp={dims.tp} with peft.use_dora={cfg.peft.use_dora} / peft.quantize_base="
+        f"{cfg.peft.quantize_base}: DoRA and NF4 bases are not tensor-parallel; fix: plain LoRA under tensor "
+        "parallelism, or parallel.tp=1 (FSDP still shards the frozen base over all ranks)",
     )
     _check(
         model.sliding_window is None or cfg.data.seq_len <= model.sliding_window,
