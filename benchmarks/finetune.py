@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 from pathlib import Path
 
 import torch
 from _results import emit, triton_version
-from step import _timed, hf_step, run_treadle
+from step import _timed, hf_step, run_treadle, summarize
 
 from treadle.models import get_model_spec
 from treadle.train.config import TrainConfig, load_config
@@ -108,18 +107,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     results["hf_peft"] = run_hf_peft(cfg, batches, args.steps, args.warmup)
 
-    summary = {}
-    for name, r in results.items():
-        tps = args.steps * tokens_per_step / r["seconds"]
-        summary[name] = {
-            "tokens_per_s": tps,
-            "tflops_per_device": tps * flops_per_token / 1e12,
-            "mfu": tps * flops_per_token / peak if peak else None,
-            "peak_memory_gib": r["peak_gib"],
-            "first_loss": r["losses"][0],
-            "last_loss": r["losses"][-1],
-        }
-        print(f"# {name}: {json.dumps(summary[name])}", flush=True)
+    summary = summarize(results, args.steps, tokens_per_step, flops_per_token, peak)
     common = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -210,6 +210,25 @@ def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
     emit(lines, out, append=True)
 
 
+def summarize(
+    results: dict[str, dict], steps: int, tokens_per_step: int, flops_per_token: float, peak: float | None
+) -> dict[str, dict]:
+    """Per run: tokens/s, TFLOP/s, MFU, peak memory and first/last loss over the timed steps; printed as it goes."""
+    summary = {}
+    for name, r in results.items():
+        tps = steps * tokens_per_step / r["seconds"]
+        summary[name] = {
+            "tokens_per_s": tps,
+            "tflops_per_device": tps * flops_per_token / 1e12,
+            "mfu": tps * flops_per_token / peak if peak else None,
+            "peak_memory_gib": r["peak_gib"],
+            "first_loss": r["losses"][0],
+            "last_loss": r["losses"][-1],
+        }
+        print(f"# {name}: {json.dumps(summary[name])}", flush=True)
+    return summary
+
+
 def hf_step(forward, batches: list, optimizer, params: list, clip: float, scheduler=None):
     """One optimizer step of a transformers model per call, over the next group of micro-batches: bf16 autocast,
     loss averaged over the micro-batches, global-norm clipping, then the optimizer (and schedule) step."""
@@ -342,18 +361,7 @@ def main() -> None:
             cfg, results["treadle"]["batches"], args.steps, args.warmup, peer == "hf_compile"
         )
 
-    summary = {}
-    for name, r in results.items():
-        tps = args.steps * tokens_per_step / r["seconds"]
-        summary[name] = {
-            "tokens_per_s": tps,
-            "tflops_per_device": tps * flops_per_token / 1e12,
-            "mfu": tps * flops_per_token / peak if peak else None,
-            "peak_memory_gib": r["peak_gib"],
-            "first_loss": r["losses"][0],
-            "last_loss": r["losses"][-1],
-        }
-        print(f"# {name}: {json.dumps(summary[name])}", flush=True)
+    summary = summarize(results, args.steps, tokens_per_step, flops_per_token, peak)
 
     case = (
         f"{args.recipe.split('/')[-1]}_S{cfg.data.seq_len}_mb{cfg.trainer.micro_batch_size}"

@@ -22,6 +22,18 @@ NF4_LEVELS = (
 )  # fmt: skip
 
 
+_LEVEL_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    """The level table on `device`, made once: dequantization runs on every matmul, a host-to-device copy of
+    the table each time would be on the hot path."""
+    table = _LEVEL_TABLES.get(device)
+    if table is None:
+        table = _LEVEL_TABLES[device] = torch.tensor(NF4_LEVELS, device=device)
+    return table
+
+
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 codes [numel/2], fp32 block absmax [numel/block_size]) of `weight`."""
     if weight.numel() % block_size:
@@ -31,7 +43,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64) -> tuple[torch.Tens
     blocks = weight.detach().float().reshape(-1, block_size)
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     normalized = (blocks / absmax[:, None]).flatten()
-    levels = torch.tensor(NF4_LEVELS, device=weight.device)
+    levels = _levels(weight.device)
     # Nearest level = count of midpoints below the value (levels are sorted).
     codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -41,7 +53,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64) -> tuple[torch.Tens
 def dequantize_nf4(
     packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
-    levels = torch.tensor(NF4_LEVELS, device=packed.device, dtype=torch.float32)
+    levels = _levels(packed.device)
     codes = torch.stack(((packed >> 4) & 0xF, packed & 0xF), dim=1).flatten().long()
     values = levels[codes].reshape(absmax.numel(), -1) * absmax[:, None]
     return values.reshape(shape).to(dtype)

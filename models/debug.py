@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,9 +41,8 @@ def chat_examples(num: int) -> list[list[dict[str, str]]]:
     return conversations
 
 
-def write_tokenizer(out: Path, texts: list[str], *, vocab_size: int = 320) -> int:
-    """Train a byte-level BPE on `texts` into `out`/tokenizer.json (+ tokenizer_config.json with the chat
-    template); returns the vocabulary size."""
+def train_tokenizer(texts: list[str], *, vocab_size: int = 320) -> Any:
+    """A byte-level BPE (`tokenizers.Tokenizer`) trained on `texts`, with the ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -55,10 +55,21 @@ def write_tokenizer(out: Path, texts: list[str], *, vocab_size: int = 320) -> in
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (with the chat template) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def write_tokenizer(out: Path, texts: list[str], *, vocab_size: int = 320) -> int:
+    """Train a tokenizer on `texts` and save it into `out`; returns its vocabulary size."""
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    save_tokenizer(tokenizer, out)
     return tokenizer.get_vocab_size()
 
 
@@ -76,16 +87,15 @@ def write_debug_model(root: str | Path, *, num_conversations: int = 400, seed: i
     root = Path(root)
     conversations = chat_examples(num_conversations)
     texts = [m["content"] for c in conversations for m in c]
-    vocab_size = write_tokenizer(root / "model", texts)
-    cfg = ModelConfig(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=vocab_size, ffn_dim=256,
-                      rope_theta=10000.0, max_seq_len=1024)  # fmt: skip
+    tokenizer = train_tokenizer(texts)
+    cfg = ModelConfig(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=tokenizer.get_vocab_size(),
+                      ffn_dim=256, rope_theta=10000.0, max_seq_len=1024)  # fmt: skip
     with torch.device("meta"):
         model = Llama(cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed)
-    export_hf(model, cfg, root / "model.tmp", dtype=torch.float32)
-    for item in (root / "model.tmp").iterdir():
-        item.replace(root / "model" / item.name)
-    (root / "model.tmp").rmdir()
+    # export_hf replaces its directory, so the tokenizer files go in after it.
+    export_hf(model, cfg, root / "model", dtype=torch.float32)
+    save_tokenizer(tokenizer, root / "model")
     write_chats(root / "chats.jsonl", conversations)
     return root

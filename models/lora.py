@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from treadle.memory.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
+from treadle.models.init import canonical_name, fill_
+from treadle.models.llama import ModelConfig
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("none", "lora")
@@ -162,16 +164,11 @@ def _layout_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def finish_adapters(model: nn.Module, dense_bases: dict[str, torch.Tensor] | None = None) -> None:
-    """After the base weights are in place: quantize NF4 bases (from `dense_bases`, full tensors keyed by module
-    name, when given) and set DoRA magnitudes to the row norms of the base weight (so training starts from the
-    base model). Every rank must call this: sharded bases are gathered."""
-    for name, module in model.named_modules():
-        if not isinstance(module, LoRALinear):
-            continue
-        if module.quantized and dense_bases is not None:
-            module.set_quantized_base(dense_bases[name])
-        magnitude = module.lora_magnitude_vector
+def finish_adapters(model: nn.Module) -> None:
+    """After the base weights are in place: set DoRA magnitudes to the row norms of the base weight (so training
+    starts from the base model). Every rank must call this: sharded bases are gathered."""
+    for module in model.modules():
+        magnitude = getattr(module, "lora_magnitude_vector", None) if isinstance(module, LoRALinear) else None
         if magnitude is not None:
             weight = module.weight.full_tensor() if isinstance(module.weight, DTensor) else module.weight
             norms = weight.float().norm(dim=1).to(magnitude.dtype)
@@ -179,20 +176,18 @@ def finish_adapters(model: nn.Module, dense_bases: dict[str, torch.Tensor] | Non
             local.copy_(_layout_like(norms, magnitude))
 
 
-def random_quantized_bases(model: nn.Module, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
-    """Full random base weights for NF4 layers of a model without pretrained weights (benchmarks, tests), drawn
-    from the same per-name streams and scales as `Llama.init_weights` would use for a dense base."""
-    from treadle.models.init import canonical_name, fill_
-
-    bases: dict[str, torch.Tensor] = {}
+@torch.no_grad()
+def init_quantized_bases(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Random NF4 bases for a model without pretrained weights (benchmarks, tests), drawn from the same per-name
+    streams and scales as `Llama.init_weights` uses for a dense base, one layer at a time (a full-precision copy
+    of every base at once would be 4 bytes per parameter)."""
     depth_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and module.quantized:
             full = torch.empty(module.base_shape, device=module.weight_nf4.device)
             std = depth_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
             fill_(full, canonical_name(f"{name}.weight"), seed, std=std)
-            bases[name] = full
-    return bases
+            module.set_quantized_base(full)
 
 
 def merged_weight(
@@ -211,8 +206,6 @@ def merged_weight(
 
 def adapter_state(model: nn.Module) -> dict[str, Any]:
     """Full (gathered) adapter tensors keyed by canonical parameter name; every rank must call it."""
-    from treadle.models.init import canonical_name
-
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if ".lora_" in name:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from treadle.models import get_model_spec
 from treadle.models.hf import load_hf_weights
-from treadle.models.lora import apply_lora, finish_adapters, random_quantized_bases
+from treadle.models.lora import apply_lora, finish_adapters, init_quantized_bases
 from treadle.optim.builder import build_scheduler
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.engine import WeightLoader, build_engine
@@ -74,9 +74,9 @@ def weight_loader(cfg: TrainConfig) -> WeightLoader | None:
     def load(model: torch.nn.Module) -> None:
         if cfg.model.pretrained is not None:
             load_hf_weights(model, cfg.model.pretrained)
-            finish_adapters(model)
         else:
-            finish_adapters(model, random_quantized_bases(model, cfg.model, cfg.trainer.seed))
+            init_quantized_bases(model, cfg.model, cfg.trainer.seed)
+        finish_adapters(model)
 
     return load
 

@@ -318,6 +318,12 @@ def prepare_data(cfg: DataConfig) -> None:
         _token_file(cfg)
 
 
+def _num_val(num: int, val_fraction: float) -> int:
+    """Held-out samples: at least one when any fraction is asked for. The epsilon keeps float noise
+    (200 * 0.07 = 14.000000000000002) from taking an extra sample."""
+    return max(1, math.ceil(num * val_fraction - 1e-9)) if val_fraction > 0 else 0
+
+
 def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
     from treadle.train.sft import PackedConversations
 
@@ -327,16 +333,15 @@ def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
             f"data.tokenizer={cfg.tokenizer!r} has a vocabulary of {tokenizer.vocab_size} tokens but "
             f"model.vocab_size={vocab_size}; use the model's own tokenizer"
         )
-    common = {"seq_len": cfg.seq_len, "pad_id": tokenizer.eos_id}
-    num_rows = len(PackedConversations(cache, **common))
-    num_val = max(1, math.ceil(num_rows * cfg.val_fraction - 1e-9)) if cfg.val_fraction > 0 else 0
+    rows = PackedConversations(cache, seq_len=cfg.seq_len, pad_id=tokenizer.eos_id)
+    num_rows = len(rows)
+    num_val = _num_val(num_rows, cfg.val_fraction)
     if num_rows - num_val < 1:
         raise ValueError(
             f"data.val_fraction={cfg.val_fraction} leaves no training rows: {cfg.path} packs into {num_rows} rows "
             f"of data.seq_len={cfg.seq_len}; lower data.val_fraction or use more conversations"
         )
-    train = PackedConversations(cache, first_row=0, num_rows=num_rows - num_val, **common)
-    val = PackedConversations(cache, first_row=num_rows - num_val, num_rows=num_val, **common)
+    train, val = rows.subset(0, num_rows - num_val), rows.subset(num_rows - num_val, num_val)
     logger.info("data: %s: %d train / %d val rows of %d tokens", cache, len(train), len(val), cfg.seq_len)
     return train, val
 
@@ -378,8 +383,7 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
         )
     tokens = np.memmap(path, dtype=np.dtype(meta.dtype).newbyteorder("<"), mode="r", shape=(meta.num_tokens,))
     num_windows = (meta.num_tokens - 1) // cfg.seq_len
-    # The epsilon keeps float noise (200 * 0.07 = 14.000000000000002) from taking an extra window.
-    num_val = max(1, math.ceil(num_windows * cfg.val_fraction - 1e-9)) if cfg.val_fraction > 0 else 0
+    num_val = _num_val(num_windows, cfg.val_fraction)
     num_train = num_windows - num_val
     if num_train < 1:
         raise ValueError(

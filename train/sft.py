@@ -21,6 +21,7 @@ padding that takes no loss. Positions restart and attention is masked per conver
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -173,9 +174,7 @@ def tokenize_conversation(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, is-assistant flag per token)."""
     text, spans = assistant_spans(renderer, messages, where)
-    encoding = tokenizer._tok.encode(text, add_special_tokens=False)
-    ids = np.asarray(encoding.ids, dtype=np.int64)
-    starts = np.asarray([start for start, _ in encoding.offsets], dtype=np.int64)
+    ids, starts = tokenizer.encode_with_offsets(text)
     trained = np.zeros(len(ids), dtype=bool)
     for lo, hi in spans:
         trained |= (starts >= lo) & (starts < hi)
@@ -238,16 +237,18 @@ def pack_rows(lengths: np.ndarray, row_len: int) -> np.ndarray:
 class PackedConversations:
     """Rows of whole conversations; `get_batch` gives inputs, assistant-only labels, positions and doc ids."""
 
-    def __init__(
-        self, cache: Path, *, seq_len: int, pad_id: int, first_row: int = 0, num_rows: int | None = None
-    ):
+    def __init__(self, cache: Path, *, seq_len: int, pad_id: int) -> None:
         self.tokens = np.load(cache / "tokens.npy", mmap_mode="r")
         self.trained = np.load(cache / "assistant.npy", mmap_mode="r")
         self.starts = np.load(cache / "starts.npy")
         self.seq_len, self.pad_id = seq_len, pad_id
-        rows = pack_rows(np.diff(self.starts), seq_len + 1)
-        num_rows = len(rows) - 1 - first_row if num_rows is None else num_rows
-        self.rows = rows[first_row : first_row + num_rows + 1]
+        self.rows = pack_rows(np.diff(self.starts), seq_len + 1)
+
+    def subset(self, first_row: int, num_rows: int) -> PackedConversations:
+        """Rows [first_row, first_row + num_rows), sharing this set's arrays (train/validation splits)."""
+        view = copy.copy(self)
+        view.rows = self.rows[first_row : first_row + num_rows + 1]
+        return view
 
     def __len__(self) -> int:
         return len(self.rows) - 1
@@ -271,14 +272,16 @@ class PackedConversations:
         return ids, trained, docs
 
     def get_batch(self, indices: Any) -> Batch:
-        rows = [self.row(int(i)) for i in indices]
-        ids = torch.from_numpy(np.stack([r[0] for r in rows]))
-        trained = torch.from_numpy(np.stack([r[1] for r in rows]))
-        docs = torch.from_numpy(np.stack([r[2] for r in rows]))[:, :-1].contiguous()
-        labels = torch.where(trained[:, 1:] & (docs == torch.from_numpy(np.stack([r[2] for r in rows]))[:, 1:]),
-                             ids[:, 1:], IGNORE_INDEX)  # fmt: skip
-        seq = torch.arange(self.seq_len).expand_as(docs)
-        starts = torch.ones_like(docs, dtype=torch.bool)
-        starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        positions = seq - torch.where(starts, seq, 0).cummax(1).values
-        return Batch(ids[:, :-1].contiguous(), labels, positions, docs)
+        ids_BS1, trained_BS1, docs_BS1 = (
+            torch.from_numpy(np.stack(parts))
+            for parts in zip(*(self.row(int(i)) for i in indices), strict=True)
+        )
+        # The label at t is token t+1: trained only when it is the assistant's and in the same conversation.
+        same_doc_BS = docs_BS1[:, 1:] == docs_BS1[:, :-1]
+        labels_BS = torch.where(trained_BS1[:, 1:] & same_doc_BS, ids_BS1[:, 1:], IGNORE_INDEX)
+        docs_BS = docs_BS1[:, :-1].contiguous()
+        seq_BS = torch.arange(self.seq_len).expand_as(docs_BS)
+        starts_BS = torch.ones_like(docs_BS, dtype=torch.bool)
+        starts_BS[:, 1:] = ~same_doc_BS[:, :-1]
+        positions_BS = seq_BS - torch.where(starts_BS, seq_BS, 0).cummax(1).values
+        return Batch(ids_BS1[:, :-1].contiguous(), labels_BS, positions_BS, docs_BS)

@@ -132,6 +132,12 @@ class HFTokenizer:
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, character offset where each token starts); special tokens in `text` are recognised."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        starts = np.asarray([start for start, _ in encoding.offsets], dtype=np.int64)
+        return np.asarray(encoding.ids, dtype=np.int64), starts
+
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(
             np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=skip_special_tokens
