@@ -1,14 +1,15 @@
 """Offload on one GPU: the largest Llama that trains with ZeRO-3 + NVMe offload (DeepSpeed ZeRO-Infinity, to
-the machine's local disk) vs native FSDP2 + CPU offload vs no offload; tokens/s, TFLOP/s, peak GPU and host
-memory per model size.
+the machine's local disk) vs native FSDP2 + CPU offload (and its DeepSpeed peer, ZeRO-3 with CPU offload) vs no
+offload; tokens/s, TFLOP/s, peak GPU and host memory per model size.
 
     python benchmarks/offload.py --nvme /tmp/treadle_nvme --out benchmarks/results/offload.jsonl
 
 Every (mode, size) case runs in its own process (an OOM, host or device, ends only that case; peaks start
-from zero), sizes grow until a mode fails or runs out of its time. Data are random tokens: the step's cost does
-not depend on them. The reference points are from the Fuyou paper (Liao et al., 2024, Fig. 8): a 13B model on
-one RTX 4090 with SSD offload at 156 TFLOP/s for Fuyou and 45 for ZeRO-Infinity; each NVMe case at 13B is
-reported against both.
+from zero), sizes grow until a mode fails or runs out of its time. An NVMe case whose swap files cannot fit
+on the disk is not started (the log says so). Each optimizer step takes `--accum` micro-batches. Data are
+random tokens: the step's cost does not depend on them. The reference points are from the Fuyou paper (Liao
+et al., 2024, Fig. 8): a 13B model on one RTX 4090 with SSD offload at 156 TFLOP/s for Fuyou and 45 for
+ZeRO-Infinity; every NVMe case is reported against both, its case naming the size it reached.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit, triton_version, write_lines  # noqa: E402
 
-MODES = ("none", "fsdp_cpu_offload", "zero3_nvme")
+MODES = ("none", "zero3_cpu", "fsdp_cpu_offload", "zero3_nvme")
+# Bytes per parameter each mode keeps on the NVMe swap directory: ZeRO-Infinity swaps the fp32 master
+# weights and both Adam moments (12 B) and the bf16 parameters (2 B).
+NVME_BYTES_PER_PARAM = 14
 # Llama-shaped sizes (vocab 128256, GQA 8 kv heads), smallest first.
 SIZES = {
     "1b": dict(dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, ffn_dim=8192),
@@ -44,6 +49,15 @@ def _model_cfg(size: str, seq_len: int):
     from treadle.models.llama import ModelConfig
 
     return ModelConfig(vocab_size=128256, max_seq_len=seq_len, rope_theta=500000.0, **SIZES[size])
+
+
+def _param_count(size: str) -> int:
+    """Parameters of a size without building it (untied embedding and output)."""
+    s = SIZES[size]
+    head_dim = s["dim"] // s["num_heads"]
+    attn = s["dim"] * head_dim * (2 * s["num_heads"] + 2 * s["num_kv_heads"])
+    block = attn + 3 * s["dim"] * s["ffn_dim"] + 2 * s["dim"]
+    return s["num_layers"] * block + 2 * 128256 * s["dim"] + s["dim"]
 
 
 def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
@@ -71,8 +85,12 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
             # FSDP2's CPUOffloadPolicy: parameters, gradients and the AdamW step on the host.
             memory.param_offload = "cpu"
         parallel = ParallelConfig(
-            engine="deepspeed" if mode == "zero3_nvme" else "native", param_dtype="bf16"
+            engine="deepspeed" if mode.startswith("zero3") else "native", param_dtype="bf16"
         )
+        if mode == "zero3_cpu":
+            # ZeRO-Offload's placement under ZeRO-3: parameters and optimizer states in host memory, the
+            # step in DeepSpeedCPUAdam (SIMD C++); the DeepSpeed peer of FSDP2's CPU offload.
+            parallel.deepspeed = DeepSpeedConfig(zero_stage=3, offload_param="cpu", offload_optimizer="cpu")
         if mode == "zero3_nvme":
             parallel.deepspeed = DeepSpeedConfig(
                 zero_stage=3,
@@ -85,23 +103,29 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
                 # embedding and output (5, DeepSpeed's default, fails with "Not enough buffers" at 3B).
                 param_buffer_count=2 * sum(1 for _ in model.layers["0"].parameters()) + 4,
             )
-        engine = build_engine(dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size)
+        engine = build_engine(
+            dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size,
+            grad_accum=args.accum,
+        )  # fmt: skip
         model, optimizer = engine.prepare(model, optim)
-        step = engine
         tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len + 1), device=device)
         times = []
         for i in range(args.steps):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            loss, count = model(tokens[:, :-1], labels_BS=tokens[:, 1:])
-            step.backward(loss / count)
-            step.step()
+            # One optimizer step over `accum` micro-batches: offload pays its transfers and host-side
+            # update once per step, so the tokens per step decide how much of it the GEMMs can hide.
+            for _ in range(args.accum):
+                loss, count = model(tokens[:, :-1], labels_BS=tokens[:, 1:])
+                engine.backward(loss / (count * args.accum))
+            engine.step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            print(f"# {mode} {size} step {i}: {times[-1]:.1f}s", file=sys.stderr, flush=True)
             if i == 0:
                 torch.cuda.reset_peak_memory_stats(device)
         step_s = sum(times[1:]) / len(times[1:])  # the first step builds kernels, buffers, swap files
-        tokens_per_s = args.micro_batch_size * args.seq_len / step_s
+        tokens_per_s = args.accum * args.micro_batch_size * args.seq_len / step_s
         return {
             "params_b": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e9,
             "step_s": step_s,
@@ -112,7 +136,9 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
         }
 
 
-def _rows(mode: str, size: str, result: dict, ref: dict | None, device: str) -> list[dict]:
+def _rows(mode: str, size: str, result: dict, refs: dict[str, dict], device: str) -> list[dict]:
+    """Metric rows of one case, each against the no-offload run of the same size where that one fit, and
+    FSDP2's CPU offload against DeepSpeed's (ZeRO-3, CPU) at the same size."""
     base = {
         "bench": "offload",
         "device": device,
@@ -125,21 +151,25 @@ def _rows(mode: str, size: str, result: dict, ref: dict | None, device: str) -> 
     rows = []
     for metric, higher in (("tflops", True), ("tokens_per_s", True), ("peak_gpu_gib", False),
                            ("peak_host_gib", False)):  # fmt: skip
-        peer, peer_value = ("none", ref[metric]) if ref is not None and mode != "none" else (None, None)
-        ratio = result[metric] / peer_value if peer_value else None
-        rows.append(
-            base
-            | {
-                "case": case,
-                "metric": metric,
-                "value": round(result[metric], 3),
-                "peer": peer,
-                "peer_value": peer_value,
-                "ratio": ratio,
-                "higher_is_better": higher,
-            }  # fmt: skip
-        )
-    if mode == "zero3_nvme" and size == "13b":
+        peers = [p for p in ("none", "zero3_cpu") if p != mode and f"{p}_{size}" in refs]
+        if mode != "fsdp_cpu_offload":
+            peers = [p for p in peers if p == "none"]
+        for peer in peers or [None]:
+            peer_value = refs[f"{peer}_{size}"][metric] if peer else None
+            rows.append(
+                base
+                | {
+                    "case": case,
+                    "metric": metric,
+                    "value": round(result[metric], 3),
+                    "peer": f"{peer}_llama{size}" if peer else None,
+                    "peer_value": round(peer_value, 3) if peer else None,
+                    "ratio": result[metric] / peer_value if peer_value else None,
+                    "higher_is_better": higher,
+                }  # fmt: skip
+            )
+    if mode == "zero3_nvme":
+        # The paper's points are a 13B model on an RTX 4090; the row's case names the size we reached.
         for peer, value in PAPER.items():
             rows.append(
                 base
@@ -164,7 +194,8 @@ def main() -> None:
     parser.add_argument("--nvme", default="/tmp/treadle_nvme", help="swap directory on the local disk")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps; the first is not timed")
     parser.add_argument("--case-timeout-s", type=float, default=150.0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting cases after this")
     parser.add_argument("--out", type=Path, default=None)
@@ -176,14 +207,30 @@ def main() -> None:
     device = torch.cuda.get_device_name(0)
     start, rows, largest = time.time(), [], {}
     refs: dict[str, dict] = {}
+    free_disk = shutil.disk_usage(args.nvme).free
+    print(
+        f"# host memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"{os.cpu_count()} CPUs; {args.nvme}: {free_disk / 2**30:.0f} GiB free",
+        flush=True,
+    )
     for mode in args.modes:
         for size in args.sizes:
             left = args.budget_s - (time.time() - start)
             if left < 30:
                 print(f"# budget spent: {mode} {size} not run", flush=True)
                 break
+            if mode == "zero3_nvme":
+                need = NVME_BYTES_PER_PARAM * _param_count(size)
+                if need > 0.95 * free_disk:
+                    print(
+                        f"# {mode} {size}: not run, its swap files need {need / 2**30:.0f} GiB and "
+                        f"{args.nvme} has {free_disk / 2**30:.0f} GiB free",
+                        flush=True,
+                    )
+                    break
             cmd = [sys.executable, __file__, "--case", mode, size, "--nvme", args.nvme, "--seq-len",
-                   str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps)]  # fmt: skip
+                   str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps),
+                   "--accum", str(args.accum)]  # fmt: skip
             try:
                 proc = subprocess.run(
                     cmd, capture_output=True, text=True, timeout=min(args.case_timeout_s, left)
@@ -196,10 +243,9 @@ def main() -> None:
                 print(f"# {mode} {size}: failed ({failure[:300]})", flush=True)
                 break  # larger sizes fail too
             result = json.loads(out[0][len("RESULT ") :])
-            if mode == "none":
-                refs[size] = result
+            refs[f"{mode}_{size}"] = result
             largest[mode] = (size, result["params_b"])
-            rows += emit(_rows(mode, size, result, refs.get(size), device))
+            rows += emit(_rows(mode, size, result, refs, device))
     for mode, (size, params) in largest.items():
         print(f"# largest that trains with {mode}: llama {size} ({params:.2f}B params)", flush=True)
     if args.out is not None:

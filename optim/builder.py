@@ -28,8 +28,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (see `param_groups`)."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, *, host_offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (see `param_groups`).
+
+    `host_offload`: the parameters live in host memory because they are offloaded from a GPU (FSDP2's CPU
+    offload), so the step is on the training's critical path: `auto` then picks torch's fused CPU AdamW, one
+    vectorised pass per tensor (7x faster than foreach on 16M-element tensors here)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name={cfg.name!r} is not available; choose one of {tuple(OPTIMIZERS)}")
     if cfg.implementation not in IMPLEMENTATIONS:
@@ -52,7 +58,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         )
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+        impl = "fused" if device.type == "cuda" or host_offload else "foreach"
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

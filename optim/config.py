@@ -23,7 +23,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # auto: fused on CUDA, foreach elsewhere; or fused | foreach | for_loop
+    # auto: fused on CUDA and for host-offloaded parameters, foreach elsewhere; or fused | foreach | for_loop
     implementation: str = "auto"
     # adamw_fp8 (COAT §4): elements per quantisation group along a matrix's last dim, and per-group dynamic
     # range expansion before the E4M3 cast.

@@ -111,7 +111,7 @@ class NativeEngine:
         self.has_frozen = any(not p.requires_grad for p in model.parameters())
         self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
         optim_device = torch.device("cpu") if cpu_offload else self.device
-        self.optimizer = build_optimizer(model, optim_cfg, optim_device)
+        self.optimizer = build_optimizer(model, optim_cfg, optim_device, host_offload=cpu_offload)
         return model, self.optimizer
 
     def prepare_batch(self, batch: Batch) -> Batch:

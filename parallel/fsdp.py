@@ -9,7 +9,7 @@ all-reduced across `dp_replicate`.
 Parameter offload (`memory.param_offload=cpu`, ZeRO-Offload's placement, Ren et al. 2021): FSDP2's
 `CPUOffloadPolicy` keeps the sharded parameters, their gradients and therefore the optimizer states in
 (pinned) host memory. Each all-gather first copies the shard host-to-device; each reduce-scatter's output is
-copied device-to-host; the optimizer step runs on the CPU (torch's foreach AdamW, not the fused CUDA one).
+copied device-to-host; the optimizer step runs on the CPU (torch's fused CPU AdamW).
 """
 
 from __future__ import annotations
