@@ -52,7 +52,8 @@ def _anchor(layout: str) -> tuple[str, float]:
 
 def _degrees(layout: str) -> tuple[int, int]:
     """(tp, cp) of a layout name."""
-    tp = int(layout[2:]) if re.fullmatch(r"tp\d+", layout) else 1
+    match = re.match(r"tp(\d+)", layout)
+    tp = int(match.group(1)) if match else 1
     return tp, 2 if layout.startswith("cp2") else 1
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue-9 scaling runs: the 8B recipe (seq 8192, full activation checkpointing, compiled blocks, SDPA) at every
 # GPU count N = 1, 2, 4, 8 up to what the machine has, one sequence per GPU per step (weak scaling):
-#   fsdp      FSDP over N                       fp8       the same with FP8 linears (tensorwise)
-#   tp2, tp4  FSDP over N/tp x TP (+SP)         cp2       FSDP over N/2 x CP=2 (Ulysses and ring)
+#   fsdp            FSDP over N              fp8    the same with FP8 linears (tensorwise)
+#   tp2, tp4        FSDP over N/tp x TP (+SP), each also with async TP (tp2_async, ...)
+#   cp2_ulysses/ring  FSDP over N/2 x CP=2
 # Every layout has global batch N sequences, so tokens per GPU per step are equal and tokens/s/GPU compare.
 # Then benchmarks/scaling.py turns the records into result lines: per-GPU throughput and MFU against
 # torchtitan's Llama3-8B figures, scaling efficiency against the smallest N measured, and the scaling model
@@ -32,6 +33,8 @@ for n in ${COUNTS:-1 2 4 8}; do
   for tp in 2 4; do
     [ "$tp" -le "$n" ] || continue
     run "$n" --name "tp$tp:N$n" parallel.tp="$tp" parallel.dp_shard=$((n / tp)) trainer.micro_batch_size="$tp"
+    [ "${ASYNC_TP:-1}" = 0 ] || run "$n" --name "tp${tp}_async:N$n" parallel.tp="$tp" parallel.async_tp=true \
+      parallel.dp_shard=$((n / tp)) trainer.micro_batch_size="$tp"
   done
   # Ring attention runs its blocks through the Triton FlashAttention kernels (SDPA returns no log-sum-exp).
   run "$n" --name "cp2_ulysses:N$n" parallel.cp=2 parallel.cp_variant=ulysses parallel.dp_shard=$((n / 2)) \
