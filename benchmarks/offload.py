@@ -199,6 +199,10 @@ def main() -> None:
     parser.add_argument("--case-timeout-s", type=float, default=150.0)
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting cases after this")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--refs", type=Path, default=None, help="result lines of an earlier run on this machine: its cases "
+        "serve as peers and are kept in --out, so a later run can redo only some modes"
+    )  # fmt: skip
     args = parser.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(*args.case, args)), flush=True)
@@ -207,6 +211,15 @@ def main() -> None:
     device = torch.cuda.get_device_name(0)
     start, rows, largest = time.time(), [], {}
     refs: dict[str, dict] = {}
+    if args.refs is not None:
+        for line in args.refs.read_text().splitlines():
+            row = json.loads(line)
+            mode_size = row["case"].replace("_llama", "_")
+            if row["peer"] is None or row["peer"].startswith("none"):
+                refs.setdefault(mode_size, {})[row["metric"]] = row["value"]
+                if not any(r["case"] == row["case"] and r["metric"] == row["metric"] for r in rows):
+                    rows.append(row)
+        rows = [r for r in rows if r["case"].split("_llama")[0] not in args.modes]
     free_disk = shutil.disk_usage(args.nvme).free
     print(
         f"# host memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "

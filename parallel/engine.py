@@ -67,8 +67,10 @@ class NativeEngine:
         device: torch.device,
         seed: int,
         fp8_cfg: Float8Config | None = None,
+        grad_accum: int = 1,
     ):
         self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
+        self.grad_accum, self.micro_step = grad_accum, 0
         self.fp8_cfg = fp8_cfg or Float8Config()
         self.device, self.seed = device, seed
         self.activation_hooks: SavedActivationHooks | None = None
@@ -119,7 +121,20 @@ class NativeEngine:
         return shard_batch(batch, self.dims.cp_mesh()) if self.dims.cp > 1 else batch
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one of the step's `grad_accum` micro-batches.
+
+        With parameters offloaded to the host, FSDP2 would copy each micro-batch's reduced gradient to
+        pageable host memory synchronously inside backward and add it there on the CPU (its overlapped pinned
+        copy only applies when nothing is accumulated yet). So under offload the earlier micro-batches keep
+        their gradients unsharded on the GPU (accumulated in fp32: 4 bytes per parameter until the step) and
+        only the last one reduces them and moves them to the host, once per step."""
+        self.micro_step += 1
+        last = self.micro_step == self.grad_accum
+        if self.memory_cfg.param_offload == "cpu" and self.grad_accum > 1:
+            self.model.set_requires_gradient_sync(last)
         loss.backward()
+        if last:
+            self.micro_step = 0
 
     def step(self) -> StepStats:
         """Clip to the global norm, then step, unless the norm is not finite: then skip the update.
@@ -173,7 +188,7 @@ def build_engine(
     """The engine named by `parallel.engine`. The batch split matters only to engines that generate their own
     runtime config from it (DeepSpeed); the native engine takes whatever the Trainer feeds it."""
     if cfg.engine == "native":
-        return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg)
+        return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg, grad_accum=grad_accum)
     if cfg.engine == "deepspeed":
         # Imported here: the module pulls in DeepSpeed only when this engine is used.
         from treadle.parallel.deepspeed_engine import DeepSpeedEngine
