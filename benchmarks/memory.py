@@ -3,6 +3,7 @@
     python benchmarks/memory.py --models 1b --out benchmarks/results/memory.jsonl            # cases, 1B
     python benchmarks/memory.py --models 3b --curve-steps 0 --out benchmarks/results/memory.jsonl --append
     python benchmarks/memory.py --plot benchmarks/results/memory.jsonl --png benchmarks/results/memory_loss.png
+    python benchmarks/memory.py --models 1b,3b --cases bf16,fp8,fp8_torchao --curve-steps 0   # the FP8 backends
 
 Cases (`--cases`, comma list; each is one configuration of the same model, data and batch):
     bf16                    FSDP2 bf16 compute, fp32 master weights, compiled blocks (the recipe's baseline)
@@ -10,13 +11,21 @@ Cases (`--cases`, comma list; each is one configuration of the same model, data 
     full_ac / selective_ac  bf16 + activation checkpointing
     fp8_full_ac             FP8 linears + full activation checkpointing
     bf16_eager / fp8_eager  uncompiled blocks: the baseline of the cases that need eager blocks
+    fp8_torchao / fp8_torchao_rowwise / fp8_torchao_eager
+                            the same FP8 linears from torchao (`fp8.backend=torchao`, torchao==0.18.0):
+                            torchao's tensorwise / rowwise recipe, FP8 all-gather on (tensorwise)
     fp8_all                 FP8 linears + FP8 AdamW states (COAT §4) + FP8 activation compression (COAT §5),
                             eager (compression needs eager blocks)
     offload                 bf16 + activation offload to pinned host memory
     param_offload           bf16 + FSDP2 CPUOffloadPolicy (optimizer on the CPU: slow by design)
 Each compiled case is compared with `bf16`, each eager case with `bf16_eager`: one JSON line per (case,
 metric) in DESIGN.md's format, for tokens/s and peak memory (`torch.cuda.max_memory_allocated` over the
-timed steps, after the first steps have created the optimizer states).
+timed steps, after the first steps have created the optimizer states). A treadle FP8 case is also compared
+with its torchao twin when both ran (`fp8` with `fp8_torchao`, `fp8_rowwise` with `fp8_torchao_rowwise`,
+`fp8_eager` with `fp8_torchao_eager`): a second line whose peer is the torchao case. torchao's conversion
+patches Inductor's Triton min/max codegen for the rest of the process (a numerically identical form, see
+torchao/float8/_inductor_patch.py), so torchao cases run after the others in the default lists; a torchao
+case is skipped with a note where torchao is not installed.
 
 Loss curves: `--curve-steps` steps (300 by default) of a ~100M-parameter Llama (dim 1024, 8 layers) on the
 embedded stdlib corpus, BF16 and FP8 (tensorwise) from the same initialisation and batches; the per-step
@@ -49,6 +58,7 @@ from treadle.optim.config import OptimConfig, ScheduleConfig
 from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.engine import NativeEngine
 from treadle.parallel.fp8 import Float8Config
+from treadle.parallel.fp8_torchao import TORCHAO_MISSING, torchao_available
 from treadle.train.data import DataConfig, StepLoader, build_datasets, prepare_data
 
 _LLAMA32_ROPE = RopeScalingConfig(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0)
@@ -72,9 +82,9 @@ MODELS = {
 # model -> (micro-batch, sequence length) that fit every default case on one 80 GB H100
 BATCH = {"1b": (4, 2048), "3b": (1, 2048), "tiny": (2, 128), "curve": (8, 1024)}
 DEFAULT_CASES = {
-    "1b": "bf16,fp8,fp8_rowwise,full_ac,bf16_eager,fp8_all",
-    "3b": "bf16,fp8,bf16_eager,fp8_all",
-    "tiny": "bf16_eager,fp8_eager,fp8_all",
+    "1b": "bf16,fp8,fp8_rowwise,full_ac,bf16_eager,fp8_all,fp8_torchao,fp8_torchao_rowwise",
+    "3b": "bf16,fp8,bf16_eager,fp8_all,fp8_torchao",
+    "tiny": "bf16_eager,fp8_eager,fp8_all,fp8_torchao_eager",
 }
 # `--device cpu` (a smoke test of this script: FP8 emulated, no compile, no peak memory) sets it to cpu.
 DEVICE = torch.device("cuda", 0)
@@ -83,23 +93,28 @@ DEVICE = torch.device("cuda", 0)
 @dataclass
 class Case:
     fp8: str | None = None  # FP8 linear recipe
+    fp8_backend: str = "treadle"  # fp8.backend: treadle | torchao
     optim: str = "adamw"
     memory: dict = field(default_factory=dict)
     compile: bool = True
+    twin: str | None = None  # a second peer: the same case with the other FP8 backend
 
 
 CASES = {
     "bf16": Case(),
-    "fp8": Case(fp8="tensorwise"),
-    "fp8_rowwise": Case(fp8="rowwise"),
+    "fp8": Case(fp8="tensorwise", twin="fp8_torchao"),
+    "fp8_rowwise": Case(fp8="rowwise", twin="fp8_torchao_rowwise"),
     "full_ac": Case(memory={"activation_checkpoint": "full"}),
     "selective_ac": Case(memory={"activation_checkpoint": "selective"}),
     "fp8_full_ac": Case(fp8="tensorwise", memory={"activation_checkpoint": "full"}),
     "bf16_eager": Case(compile=False),
-    "fp8_eager": Case(fp8="tensorwise", compile=False),
+    "fp8_eager": Case(fp8="tensorwise", compile=False, twin="fp8_torchao_eager"),
     "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False),
     "offload": Case(memory={"activation_offload": True}),
     "param_offload": Case(memory={"param_offload": "cpu"}),
+    "fp8_torchao": Case(fp8="tensorwise", fp8_backend="torchao"),
+    "fp8_torchao_rowwise": Case(fp8="rowwise", fp8_backend="torchao"),
+    "fp8_torchao_eager": Case(fp8="tensorwise", fp8_backend="torchao", compile=False),
 }  # fmt: skip
 
 
@@ -125,7 +140,7 @@ def _build(
         MemoryConfig(**case.memory),
         DEVICE,
         seed,
-        Float8Config(enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise"),
+        Float8Config(enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise", backend=case.fp8_backend),
     )
     schedule = ScheduleConfig(name="cosine", warmup_steps=max(1, total_steps // 10))
     model, optimizer = engine.prepare(model, OptimConfig(name=case.optim, lr=lr, schedule=schedule))
@@ -199,6 +214,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
         batch = (args.micro_batch or micro_batch, args.seq_len or seq_len)
         results: dict[str, dict | None] = {}
         for case_name in (args.cases or DEFAULT_CASES[name]).split(","):
+            if CASES[case_name].fp8_backend == "torchao" and not torchao_available():
+                print(f"# {name} {case_name}: skipped, {TORCHAO_MISSING}", flush=True)
+                continue
             _free()
             try:
                 results[case_name] = run_case(MODELS[name], CASES[case_name], batch, args.steps, args.warmup)
@@ -209,22 +227,24 @@ def bench(args: argparse.Namespace) -> list[dict]:
             peer = "bf16" if CASES[case_name].compile else "bf16_eager"
             if peer == case_name or result is None:
                 continue
-            base = results.get(peer)
-            for metric, higher in (("tokens_per_s", True), ("peak_memory_gib", False)):
-                peer_value = base[metric] if base else None
-                lines.append(
-                    {
-                        "bench": "memory",
-                        "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{case_name}",
-                        "metric": metric,
-                        "value": result[metric],
-                        "peer": peer if base else None,
-                        "peer_value": peer_value,
-                        "ratio": result[metric] / peer_value if peer_value else None,
-                        "higher_is_better": higher,
-                        **_common(args.steps),
-                    }
-                )
+            twin = CASES[case_name].twin
+            for peer_name in [peer] + ([twin] if results.get(twin) else []):
+                base = results.get(peer_name)
+                for metric, higher in (("tokens_per_s", True), ("peak_memory_gib", False)):
+                    peer_value = base[metric] if base else None
+                    lines.append(
+                        {
+                            "bench": "memory",
+                            "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{case_name}",
+                            "metric": metric,
+                            "value": result[metric],
+                            "peer": peer_name if base else None,
+                            "peer_value": peer_value,
+                            "ratio": result[metric] / peer_value if peer_value else None,
+                            "higher_is_better": higher,
+                            **_common(args.steps),
+                        }
+                    )
         lines += [
             {"bench": "memory", "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{c}", "metric": "oom",
              "value": True, **_common(args.steps)}

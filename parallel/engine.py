@@ -23,7 +23,7 @@ from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
 from treadle.parallel.cp import apply_cp, shard_batch
 from treadle.parallel.dims import ParallelConfig, ParallelDims
-from treadle.parallel.fp8 import Float8Config, convert_to_float8
+from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
 from treadle.parallel.tp import apply_tp, enable_async_tp
@@ -78,6 +78,8 @@ class NativeEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.clip_grad_norm = 0.0
         self.has_frozen = False
+        # Runs on the model whenever its weights change (torchao FP8 all-gather's scales; parallel/fp8.py).
+        self.refresh_weight_state = weight_scale_refresh(self.fp8_cfg)
 
     def prepare(
         self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
@@ -147,6 +149,8 @@ class NativeEngine:
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
+            if self.refresh_weight_state is not None:
+                self.refresh_weight_state(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=grad_norm, skipped=skipped)
 
@@ -164,6 +168,8 @@ class NativeEngine:
             optim_state_dict=state_dict["optim"],
             options=StateDictOptions(strict=not self.has_frozen, ignore_frozen_params=self.has_frozen),
         )
+        if self.refresh_weight_state is not None:
+            self.refresh_weight_state(self.model)
         if self.has_frozen:
             trainable = {canonical_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
             missing = sorted(trainable - set(state_dict["model"]))

@@ -1,16 +1,25 @@
-"""The FP8 compute plan: swap chosen `nn.Linear` layers for `Float8Linear`, whose matmuls run in FP8.
+"""The FP8 compute plan: swap chosen `nn.Linear` layers for FP8 linears, whose matmuls run in FP8.
 
 It lives in `parallel/` because it is a plan applied to a built model from outside, in the engine's fixed
 order, like tensor parallelism (STYLE.md §3): the model file stays plain PyTorch and runs unchanged without
 it, and the swap must come before the plans that wrap modules (activation checkpointing, compile, FSDP2).
 It is not `memory/`'s: FP8 matmuls change how a layer computes, not what is kept for backward.
 
-`Float8Linear` is an `nn.Linear` (same parameters, names and init) whose forward runs
-`kernels.fp8_cast.Float8MatmulFunction`: dynamic scaling, E4M3 forward operands, E5M2 (tensorwise) or
-E4M3 (rowwise) gradients. Under FSDP2 the weight is all-gathered in the parameter dtype (bf16) and cast to
-FP8 after the gather; FP8 all-gather (gathering the 1-byte cast, torchao's `enable_fsdp_float8_all_gather`)
-is not implemented. Tensor parallelism is refused at validation: DTensor-sharded FP8 matmuls need their own
-TP styles (torchao's `Float8ColwiseParallel`), which are not written yet.
+Two backends behind one switch, `fp8.backend`, converting the same layers (`fp8.include` / `fp8.exclude`)
+so that they can be compared run for run:
+
+- `treadle` (default): `Float8Linear` below, an `nn.Linear` (same parameters, names and init) whose forward
+  runs `kernels.fp8_cast.Float8MatmulFunction`: dynamic scaling, E4M3 forward operands, E5M2 (tensorwise) or
+  E4M3 (rowwise) gradients. Under FSDP2 the weight is all-gathered in the parameter dtype (bf16) and cast
+  to FP8 after the gather; FP8 all-gather is not implemented here.
+- `torchao`: torchao's `Float8Linear` (`torchao.float8.convert_to_float8_training`) with the matching
+  recipe, and with `fp8.fsdp_float8_all_gather` (tensorwise) FSDP2 all-gathers the FP8 weight: see
+  parallel/fp8_torchao.py for the mapping and its communication. The engine runs `weight_scale_refresh`'s
+  function after each optimizer step.
+
+Both emulate FP8 (quantise, dequantise, matmul in high precision) where `torch._scaled_mm` cannot run — on
+a CPU, with a warning — or when `fp8.emulate=true`. Tensor parallelism is refused at validation: DTensor-
+sharded FP8 matmuls need their own TP styles (torchao's `Float8ColwiseParallel`), not wired up yet.
 
 The output layer is excluded by default: the logits' error feeds the loss of every token directly, and FP8
 output heads are known to hurt convergence (the FP8 recipes of DeepSeek-V3 §3.3 and torchao keep it in BF16).
@@ -20,12 +29,19 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from treadle.kernels.fp8_cast import RECIPES, Float8MatmulFunction, fp8_matmul_supported
+from treadle.parallel.fp8_torchao import (
+    TORCHAO_MISSING,
+    convert_with_torchao,
+    precompute_weight_scales,
+    torchao_available,
+)
 
 BACKENDS = ("treadle", "torchao")
 
@@ -34,22 +50,33 @@ BACKENDS = ("treadle", "torchao")
 class Float8Config:
     enabled: bool = False
     recipe: str = "tensorwise"  # tensorwise | rowwise (one scale per tensor, or per row along K)
-    backend: str = "treadle"  # treadle (kernels/fp8_cast.py) | torchao (not implemented yet)
+    backend: str = "treadle"  # treadle (kernels/fp8_cast.py) | torchao (parallel/fp8_torchao.py)
     # fnmatch patterns on module FQNs: a linear is converted if it matches an include and no exclude.
     include: list[str] = field(default_factory=lambda: ["layers.*"])
     exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head", "output"])
-    # Run the emulation (dequantise, matmul in fp32) even on an FP8 GPU: a numerics check, no speedup.
+    # Emulate (dequantise, matmul in high precision) even on an FP8 GPU: a numerics check, no speedup.
     emulate: bool = False
+    # torchao with recipe=tensorwise only: FSDP2 all-gathers weights in FP8 (half the bytes of bf16), their
+    # scales refreshed after each optimizer step. No effect with the treadle backend or rowwise scaling.
+    fsdp_float8_all_gather: bool = True
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"fp8.recipe={self.recipe!r} is not one of {RECIPES}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fp8.backend={self.backend!r} is not one of {BACKENDS}")
-        if self.backend == "torchao":
-            raise ValueError(
-                "fp8.backend=torchao is not available in this build; fix: use fp8.backend=treadle"
-            )
+        if self.enabled and self.backend == "torchao" and not torchao_available():
+            raise ValueError(TORCHAO_MISSING)
+
+    @property
+    def float8_all_gather(self) -> bool:
+        """Whether FSDP2 gathers the converted weights in FP8 (torchao, tensorwise, switch on)."""
+        return (
+            self.enabled
+            and self.backend == "torchao"
+            and self.recipe == "tensorwise"
+            and self.fsdp_float8_all_gather
+        )
 
 
 class Float8Linear(nn.Linear):
@@ -83,7 +110,8 @@ def _selected(fqn: str, cfg: Float8Config) -> bool:
 
 
 def convert_to_float8(model: nn.Module, cfg: Float8Config, device: torch.device) -> list[str]:
-    """Replace the selected `nn.Linear` modules of `model` in place; returns their FQNs.
+    """Replace the selected `nn.Linear` modules of `model` in place with `fp8.backend`'s FP8 linear; returns
+    their FQNs.
 
     Linears with a dim that is not a multiple of 16 are left alone (`torch._scaled_mm` needs it), on every
     device, so that a CPU run converts the same layers as a GPU run.
@@ -95,19 +123,30 @@ def convert_to_float8(model: nn.Module, cfg: Float8Config, device: torch.device)
     if emulate and not cfg.emulate:
         warnings.warn(
             f"fp8.enabled=true on {device} without FP8 tensor cores (CUDA compute capability >= 8.9): FP8 "
-            f"numerics are emulated (cast to float8 and back, matmuls in fp32), with no speedup",
+            f"numerics are emulated (cast to float8 and back, matmuls in high precision), with no speedup",
             stacklevel=2,
         )
-    converted = []
-    for fqn, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or not _selected(fqn, cfg):
-            continue
-        if module.in_features % 16 or module.out_features % 16:
-            continue
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Float8Linear.from_linear(module, cfg.recipe, emulate))
-        converted.append(fqn)
+    converted = [
+        fqn
+        for fqn, module in model.named_modules()
+        if type(module) is nn.Linear
+        and _selected(fqn, cfg)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    ]
+    if cfg.backend == "torchao":
+        convert_with_torchao(
+            model,
+            set(converted),
+            cfg.recipe,
+            emulate=emulate,
+            fsdp_float8_all_gather=cfg.float8_all_gather,
+        )
+    else:
+        for fqn in converted:
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Float8Linear.from_linear(parent.get_submodule(child), cfg.recipe, emulate))
     if not converted:
         warnings.warn(
             f"fp8.enabled=true converted no layer: no nn.Linear matched fp8.include={cfg.include} outside "
@@ -115,3 +154,12 @@ def convert_to_float8(model: nn.Module, cfg: Float8Config, device: torch.device)
             stacklevel=2,
         )
     return converted
+
+
+def weight_scale_refresh(cfg: Float8Config) -> Callable[[nn.Module], None] | None:
+    """What the engine runs on the model after each optimizer step and after loading weights, or None.
+
+    Only torchao's FP8 all-gather keeps state derived from the weights (a precomputed scale per weight,
+    parallel/fp8_torchao.py); every other setting casts with scales measured in the forward itself.
+    """
+    return precompute_weight_scales if cfg.float8_all_gather else None

@@ -99,8 +99,8 @@ def test_dims_not_multiple_of_16_are_skipped_and_settings_validated() -> None:
     assert _convert(model, include=["*"]) == []
     with pytest.raises(ValueError, match="fp8.recipe='blockwise'"):
         Float8Config(enabled=True, recipe="blockwise").validate()
-    with pytest.raises(ValueError, match="fp8.backend=torchao"):
-        Float8Config(enabled=True, backend="torchao").validate()
+    with pytest.raises(ValueError, match="fp8.backend='transformer_engine'"):
+        Float8Config(enabled=True, backend="transformer_engine").validate()
 
 
 def test_cpu_warns_that_fp8_is_emulated() -> None:
