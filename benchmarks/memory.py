@@ -98,6 +98,7 @@ class Case:
     memory: dict = field(default_factory=dict)
     compile: bool = True
     twin: str | None = None  # a second peer: the same case with the other FP8 backend
+    peer: str | None = None  # the BF16 case it is measured against (default: bf16, or bf16_eager if eager)
 
 
 CASES = {
@@ -106,7 +107,12 @@ CASES = {
     "fp8_rowwise": Case(fp8="rowwise", twin="fp8_torchao_rowwise"),
     "full_ac": Case(memory={"activation_checkpoint": "full"}),
     "selective_ac": Case(memory={"activation_checkpoint": "selective"}),
-    "fp8_full_ac": Case(fp8="tensorwise", memory={"activation_checkpoint": "full"}),
+    "fp8_full_ac": Case(
+        fp8="tensorwise", memory={"activation_checkpoint": "full"}, peer="full_ac", twin="fp8_torchao_full_ac"
+    ),
+    "fp8_torchao_full_ac": Case(
+        fp8="tensorwise", fp8_backend="torchao", memory={"activation_checkpoint": "full"}, peer="full_ac"
+    ),
     "bf16_eager": Case(compile=False),
     "fp8_eager": Case(fp8="tensorwise", compile=False, twin="fp8_torchao_eager"),
     "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False),
@@ -224,7 +230,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 results[case_name] = None
             print(f"# {name} {case_name}: {json.dumps(results[case_name])}", flush=True)
         for case_name, result in results.items():
-            peer = "bf16" if CASES[case_name].compile else "bf16_eager"
+            peer = CASES[case_name].peer or ("bf16" if CASES[case_name].compile else "bf16_eager")
             if peer == case_name or result is None:
                 continue
             twin = CASES[case_name].twin
