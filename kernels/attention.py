@@ -1,10 +1,11 @@
 """FlashAttention-2 (Dao 2023) in Triton: the op the model calls, its autograd Function, and the reference.
 
 Shape legend: B batch, S sequence, H query heads, K key/value heads (K divides H; H // K is the GQA group),
-D head dim (a power of two, 16..256).
+D head dim (a power of two, 16..256); T the keys' sequence where it may differ from the queries'.
 
     out_BSHD = attention_op(q_BSHD, k_BSKD, v_BSKD, causal=True, doc_ids_BS=None)
     out_BSHD, lse_BHS = flash_attention(q_BSHD, k_BSKD, v_BSKD, causal=True, doc_ids_BS=None, softmax_scale=None)
+    out_BSHD, lse_BHS = flash_attention(q_BSHD, k_BTKD, v_BTKD, causal=False, doc_ids_BS=.., doc_ids_k_BT=..)
 
 The kernels (attention_fwd.py: Algorithm 1; attention_bwd.py: Algorithm 2) read the model's BSHD tensors
 through their strides, so the `.view`s of the projections go in without a transpose or copy. Inputs may be
@@ -14,6 +15,11 @@ log-sum-exp is fp32, natural log, [B, H, S] — what context parallelism needs t
 
 `doc_ids_BS` packs documents: a query sees only keys with the same id. Each document must be a contiguous
 run of its row (the loader packs them so); the kernels use the runs' boundaries to skip tiles.
+
+Full (non-causal) attention also takes keys of another length than the queries, with their own document ids
+(`doc_ids_k_BT`): context parallelism's ring attends one slice of a row to another this way. Tiles are then
+not skipped by document (the runs of one slice say nothing about the other's positions), and a query that
+shares no document with any key gets out = 0 and lse = -inf.
 
 The kernels run as `torch.library` custom ops, so `torch.compile` treats them as opaque calls with known
 output shapes instead of tracing into the launcher.
@@ -39,10 +45,13 @@ def attention_reference(
     causal: bool = True,
     doc_ids_BS: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    doc_ids_k_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale·QK^T + mask) V and its log-sum-exp, materialised in fp32: what the kernels must match.
 
-    Returns (out_BSHD in q's dtype, lse_BHS in fp32); differentiable through autograd.
+    k and v may be [B, T, K, D] with T != S when `causal` is false; `doc_ids_k_BT` are then the keys' document
+    ids (default: `doc_ids_BS`). Returns (out_BSHD in q's dtype, lse_BHS in fp32); differentiable through
+    autograd.
     """
     seq_len, num_heads, head_dim = q_BSHD.shape[1], q_BSHD.shape[2], q_BSHD.shape[3]
     group_size = num_heads // k_BSKD.shape[2]
@@ -50,11 +59,12 @@ def attention_reference(
     k_BSHD = k_BSKD.float().repeat_interleave(group_size, dim=2)
     v_BSHD = v_BSKD.float().repeat_interleave(group_size, dim=2)
     scores_BHSS = torch.einsum("bqhd,bkhd->bhqk", q_BSHD.float(), k_BSHD) * scale
-    allowed_BHSS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q_BSHD.device)
+    allowed_BHSS = torch.ones(seq_len, k_BSKD.shape[1], dtype=torch.bool, device=q_BSHD.device)
     if causal:
         allowed_BHSS = allowed_BHSS.tril()
     if doc_ids_BS is not None:
-        allowed_BHSS = allowed_BHSS & (doc_ids_BS[:, None, :, None] == doc_ids_BS[:, None, None, :])
+        doc_k = doc_ids_BS if doc_ids_k_BT is None else doc_ids_k_BT
+        allowed_BHSS = allowed_BHSS & (doc_ids_BS[:, None, :, None] == doc_k[:, None, None, :])
     scores_BHSS = scores_BHSS.masked_fill(~allowed_BHSS, float("-inf"))
     lse_BHS = scores_BHSS.logsumexp(dim=-1)
     probs_BHSS = torch.exp(scores_BHSS - lse_BHS[..., None])
@@ -89,20 +99,21 @@ def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Ten
 @torch.library.custom_op(
     "treadle::flash_attention_fwd",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? doc_ids, Tensor? doc_start, Tensor? doc_end, bool causal, "
-    "float softmax_scale) -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? doc_ids, Tensor? doc_ids_k, Tensor? doc_start, "
+    "Tensor? doc_end, bool causal, float softmax_scale) -> (Tensor, Tensor)",
 )
 def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     doc_ids: torch.Tensor | None,
+    doc_ids_k: torch.Tensor | None,
     doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, doc_ids, doc_start, doc_end, causal, softmax_scale)
+    return attention_forward(q, k, v, doc_ids, doc_ids_k, doc_start, doc_end, causal, softmax_scale)
 
 
 @_fwd_op.register_fake
@@ -111,6 +122,7 @@ def _fwd_fake(
     k: torch.Tensor,
     v: torch.Tensor,
     doc_ids: torch.Tensor | None,
+    doc_ids_k: torch.Tensor | None,
     doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None,
     causal: bool,
@@ -125,7 +137,8 @@ def _fwd_fake(
     "treadle::flash_attention_bwd",
     mutates_args=(),
     schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? doc_ids, "
-    "Tensor? doc_start, Tensor? doc_end, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)",
+    "Tensor? doc_ids_k, Tensor? doc_start, Tensor? doc_end, bool causal, float softmax_scale) "
+    "-> (Tensor, Tensor, Tensor)",
 )
 def _bwd_op(
     dout: torch.Tensor,
@@ -135,12 +148,15 @@ def _bwd_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     doc_ids: torch.Tensor | None,
+    doc_ids_k: torch.Tensor | None,
     doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, doc_ids, doc_start, doc_end, causal, softmax_scale)
+    return attention_backward(
+        dout, q, k, v, out, lse.contiguous(), doc_ids, doc_ids_k, doc_start, doc_end, causal, softmax_scale
+    )
 
 
 @_bwd_op.register_fake
@@ -152,6 +168,7 @@ def _bwd_fake(
     out: torch.Tensor,
     lse: torch.Tensor,
     doc_ids: torch.Tensor | None,
+    doc_ids_k: torch.Tensor | None,
     doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None,
     causal: bool,
@@ -172,14 +189,17 @@ class FlashAttentionFunction(torch.autograd.Function):
         causal: bool,
         doc_ids_BS: torch.Tensor | None,
         softmax_scale: float,
+        doc_ids_k_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         doc_start_BS = doc_end_BS = None
-        if doc_ids_BS is not None:
+        if doc_ids_BS is not None and doc_ids_k_BT is None:
             doc_start_BS, doc_end_BS = document_ranges(doc_ids_BS)
         out_BSHD, lse_BHS = _fwd_op(
-            q_BSHD, k_BSKD, v_BSKD, doc_ids_BS, doc_start_BS, doc_end_BS, causal, softmax_scale
+            q_BSHD, k_BSKD, v_BSKD, doc_ids_BS, doc_ids_k_BT, doc_start_BS, doc_end_BS, causal, softmax_scale
         )
-        ctx.save_for_backward(q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_start_BS, doc_end_BS)
+        ctx.save_for_backward(
+            q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_ids_k_BT, doc_start_BS, doc_end_BS
+        )
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
         ctx.mark_non_differentiable(lse_BHS)
@@ -189,34 +209,53 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, dout_BSHD: torch.Tensor, _dlse_BHS: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_start_BS, doc_end_BS = ctx.saved_tensors
+        q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_ids_k_BT, doc_start_BS, doc_end_BS = (
+            ctx.saved_tensors
+        )
         dq, dk, dv = _bwd_op(
-            dout_BSHD, q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_start_BS, doc_end_BS,
-            ctx.causal, ctx.softmax_scale,
+            dout_BSHD, q_BSHD, k_BSKD, v_BSKD, out_BSHD, lse_BHS, doc_ids_BS, doc_ids_k_BT, doc_start_BS,
+            doc_end_BS, ctx.causal, ctx.softmax_scale,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def _check_inputs(
-    q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, doc_ids_BS: torch.Tensor | None
+def check_inputs(
+    q_BSHD: torch.Tensor,
+    k_BTKD: torch.Tensor,
+    v_BTKD: torch.Tensor,
+    doc_ids_BS: torch.Tensor | None,
+    *,
+    causal: bool = True,
+    doc_ids_k_BT: torch.Tensor | None = None,
 ) -> None:
-    if q_BSHD.dim() != 4 or k_BSKD.shape != v_BSKD.shape or k_BSKD.dim() != 4:
+    """Raise ValueError/TypeError for inputs the kernels do not take (also for callers of the custom ops)."""
+    if q_BSHD.dim() != 4 or k_BTKD.shape != v_BTKD.shape or k_BTKD.dim() != 4:
         raise ValueError(
-            f"expected q [B,S,H,D] and k, v [B,S,K,D]; got {q_BSHD.shape}, {k_BSKD.shape}, {v_BSKD.shape}"
+            f"expected q [B,S,H,D] and k, v [B,T,K,D]; got {q_BSHD.shape}, {k_BTKD.shape}, {v_BTKD.shape}"
         )
-    (batch, seq_len, num_heads, head_dim), num_kv_heads = q_BSHD.shape, k_BSKD.shape[2]
-    if k_BSKD.shape[0] != batch or k_BSKD.shape[1] != seq_len or k_BSKD.shape[3] != head_dim:
+    (batch, seq_len, num_heads, head_dim), (seq_len_k, num_kv_heads) = q_BSHD.shape, k_BTKD.shape[1:3]
+    if k_BTKD.shape[0] != batch or k_BTKD.shape[3] != head_dim:
+        raise ValueError(f"k/v shape {tuple(k_BTKD.shape)} does not match q {tuple(q_BSHD.shape)} in B or D")
+    if causal and (seq_len_k != seq_len or doc_ids_k_BT is not None):
         raise ValueError(
-            f"k/v shape {tuple(k_BSKD.shape)} does not match q {tuple(q_BSHD.shape)} in B, S or D"
+            f"causal attention needs as many keys as queries and one document-id row; got S={seq_len}, "
+            f"T={seq_len_k}{', separate key document ids' if doc_ids_k_BT is not None else ''}"
         )
+    if doc_ids_k_BT is not None and (doc_ids_BS is None or tuple(doc_ids_k_BT.shape) != (batch, seq_len_k)):
+        raise ValueError(
+            f"doc_ids_k_BT must be [B, T] = {(batch, seq_len_k)} and come with doc_ids_BS; got "
+            f"{tuple(doc_ids_k_BT.shape)}"
+        )
+    if doc_ids_BS is not None and doc_ids_k_BT is None and seq_len_k != seq_len:
+        raise ValueError(f"keys ({seq_len_k}) and queries ({seq_len}) differ in length: pass doc_ids_k_BT")
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads}) for GQA")
     if head_dim not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"head dim {head_dim} unsupported by the Triton attention; use one of {_SUPPORTED_HEAD_DIMS}"
         )
-    if not (q_BSHD.dtype == k_BSKD.dtype == v_BSKD.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q_BSHD.dtype}, {k_BSKD.dtype}, {v_BSKD.dtype}")
+    if not (q_BSHD.dtype == k_BTKD.dtype == v_BTKD.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q_BSHD.dtype}, {k_BTKD.dtype}, {v_BTKD.dtype}")
     if q_BSHD.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"Triton attention takes bf16, fp16 or fp32, not {q_BSHD.dtype}")
     if doc_ids_BS is not None and tuple(doc_ids_BS.shape) != (batch, seq_len):
@@ -236,15 +275,21 @@ def flash_attention(
     causal: bool = True,
     doc_ids_BS: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    doc_ids_k_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_BSHD, lse_BHS); out is differentiable in q, k, v, lse is not (fp32, natural log)."""
-    _check_inputs(q_BSHD, k_BSKD, v_BSKD, doc_ids_BS)
+    """(out_BSHD, lse_BHS); out is differentiable in q, k, v, lse is not (fp32, natural log).
+
+    With `causal=False`, k and v may hold T != S keys, and `doc_ids_k_BT` their own document ids.
+    """
+    check_inputs(q_BSHD, k_BSKD, v_BSKD, doc_ids_BS, causal=causal, doc_ids_k_BT=doc_ids_k_BT)
     # The kernels need a unit stride along D only; any other stride is passed through.
     q_BSHD, k_BSKD, v_BSKD = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BSHD, k_BSKD, v_BSKD))
     if doc_ids_BS is not None:
         doc_ids_BS = doc_ids_BS.to(torch.int32).contiguous()
+    if doc_ids_k_BT is not None:
+        doc_ids_k_BT = doc_ids_k_BT.to(torch.int32).contiguous()
     scale = 1.0 / math.sqrt(q_BSHD.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return FlashAttentionFunction.apply(q_BSHD, k_BSKD, v_BSKD, causal, doc_ids_BS, scale)
+    return FlashAttentionFunction.apply(q_BSHD, k_BSKD, v_BSKD, causal, doc_ids_BS, scale, doc_ids_k_BT)
 
 
 def attention_op(

@@ -1,7 +1,8 @@
 """FlashAttention-2 backward in Triton (Dao 2023, Algorithm 2), recomputing P from Q, K and the saved L.
 
-Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim, M query rows of a tile,
-N key rows of a tile. BSHD/BSKD layouts are addressed through strides, as in the forward.
+Shape legend: B batch, S sequence (Sq queries, Sk keys: they differ only for full attention), H query heads,
+K key/value heads, D head dim, M query rows of a tile, N key rows of a tile. BSHD/BSKD layouts are addressed
+through strides, as in the forward.
 
 Three launches, no atomics:
   1. delta = rowsum(dO ∘ O) per query row (Algorithm 2 line 4, FA2 §3.2's D_i).
@@ -13,7 +14,10 @@ Three launches, no atomics:
   3. dQ: one program per query tile (the transpose of 2), so dQ is accumulated in registers instead of
      FA2's atomic adds; it costs one more QK^T and dO V^T recompute, which is cheaper on H100 than fp32
      atomics into HBM and keeps the result deterministic.
-Tile skipping and the causal diagonal split follow the forward (see attention_fwd.py).
+Tile skipping, the causal diagonal split and separate query/key document ids follow the forward (see
+attention_fwd.py). The saved L may come from a larger attention than this call's (context parallelism
+passes the merged L and O of all its blocks): P = exp(S - L) is then this block's share of the global
+softmax, and the gradients are this block's contribution (FA2 Algorithm 2 unchanged).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from treadle.kernels.attention_fwd import (
     INTERPRET_BLOCKS,
     LOG2E,
     autotuning,
+    document_args,
     dot_precision,
     interpreting,
     seq_bucket,
 )
 
-_KEY = ["HEAD_DIM", "seq_bucket", "CAUSAL", "HAS_DOC", "group_size"]
+_KEY = ["HEAD_DIM", "seq_bucket", "seq_bucket_k", "CAUSAL", "HAS_DOC", "DOC_RANGES", "group_size"]
 # Below this many dK/dV programs per SM the GQA group is split over programs (several waves hide the
 # causal imbalance: the first key tiles sweep every query row, the last ones a single tile).
 _MIN_DKDV_PROGRAMS_PER_SM = 4
@@ -130,7 +135,7 @@ def _dkdv_sweep(
     offs_n,
     lo,
     hi,
-    seq_len,
+    seq_len_q,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -147,7 +152,7 @@ def _dkdv_sweep(
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < seq_len
+        row_ok = rows < seq_len_q
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
@@ -176,7 +181,8 @@ def _attn_bwd_dkdv_kernel(
     delta_ptr,
     dk_ptr,
     dv_ptr,
-    doc_ptr,
+    doc_q_ptr,
+    doc_k_ptr,
     doc_start_ptr,
     doc_end_ptr,
     stride_qb,
@@ -194,16 +200,19 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb,
     stride_dks,
     stride_dkh,
-    seq_len,
+    seq_len_q,
+    seq_len_k,
     num_heads,
     num_kv_heads,
     group_size,
     heads_per_split,
     softmax_scale,
     seq_bucket,
+    seq_bucket_k,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    DOC_RANGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -217,7 +226,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = (offs_n < seq_len)[:, None]
+    col_ok = (offs_n < seq_len_k)[:, None]
     kv_rows = offs_n[:, None] * stride_ks + offs_d[None, :]
     k = tl.load(k_ptr + b * stride_kb + kh * stride_kh + kv_rows, mask=col_ok, other=0.0)
     v = tl.load(
@@ -230,37 +239,38 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = softmax_scale * LOG2E
 
     # Query rows that can see this key tile: from the diagonal (causal) or the first key's document start,
-    # up to the end of the last key's document (or the sequence).
-    doc_base = doc_ptr + b * seq_len
+    # up to the end of the last key's document (or the sequence). CAUSAL and DOC_RANGES imply Sq == Sk.
+    doc_q_base = doc_q_ptr + b * seq_len_q
     doc_k = 0
-    q_hi = seq_len
+    q_hi = seq_len_q
     if HAS_DOC:
-        doc_k = tl.load(doc_base + offs_n, mask=offs_n < seq_len, other=-1)
-        last = tl.minimum(start_n + BLOCK_N, seq_len) - 1
-        q_hi = tl.load(doc_end_ptr + b * seq_len + last)
+        doc_k = tl.load(doc_k_ptr + b * seq_len_k + offs_n, mask=offs_n < seq_len_k, other=-1)
+        if DOC_RANGES:
+            last = tl.minimum(start_n + BLOCK_N, seq_len_k) - 1
+            q_hi = tl.load(doc_end_ptr + b * seq_len_k + last)
     if CAUSAL:
         diag_hi = tl.minimum(start_n + BLOCK_N, q_hi)
         rest_lo = start_n + BLOCK_N
     else:
         diag_hi = 0
         rest_lo = 0
-        if HAS_DOC:
-            rest_lo = (tl.load(doc_start_ptr + b * seq_len + start_n) // BLOCK_M) * BLOCK_M
+        if DOC_RANGES:
+            rest_lo = (tl.load(doc_start_ptr + b * seq_len_k + start_n) // BLOCK_M) * BLOCK_M
 
     for g in range(heads_per_split):
         h = kh * group_size + split * heads_per_split + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        lse_base = lse_ptr + (b * num_heads + h) * seq_len
-        delta_base = delta_ptr + (b * num_heads + h) * seq_len
+        lse_base = lse_ptr + (b * num_heads + h) * seq_len_q
+        delta_base = delta_ptr + (b * num_heads + h) * seq_len_q
         if CAUSAL:
             dk, dv = _dkdv_sweep(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, doc_k, doc_base,
-                offs_n, start_n, diag_hi, seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, HAS_DOC, DOT_PRECISION,
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, doc_k, doc_q_base,
+                offs_n, start_n, diag_hi, seq_len_q, qk_scale, HEAD_DIM, BLOCK_M, True, HAS_DOC, DOT_PRECISION,
             )  # fmt: skip
         dk, dv = _dkdv_sweep(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, doc_k, doc_base,
-            offs_n, rest_lo, q_hi, seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, HAS_DOC, DOT_PRECISION,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, doc_k, doc_q_base,
+            offs_n, rest_lo, q_hi, seq_len_q, qk_scale, HEAD_DIM, BLOCK_M, False, HAS_DOC, DOT_PRECISION,
         )  # fmt: skip
 
     # dS carries no softmax scale (Algorithm 2 line 16 with S = scale·QK^T): apply it once here.
@@ -288,7 +298,7 @@ def _dq_sweep(
     offs_m,
     lo,
     hi,
-    seq_len,
+    seq_len_k,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -305,8 +315,8 @@ def _dq_sweep(
         k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :]
         v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
         if MASK_BOUNDS:
-            k = tl.load(k_ptrs, mask=(cols < seq_len)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < seq_len)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(cols < seq_len_k)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < seq_len_k)[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -315,9 +325,9 @@ def _dq_sweep(
         if MASK_CAUSAL:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
         elif MASK_BOUNDS:
-            p = tl.where((cols < seq_len)[None, :], p, 0.0)
+            p = tl.where((cols < seq_len_k)[None, :], p, 0.0)
         if HAS_DOC:
-            doc_k = tl.load(doc_base + cols, mask=cols < seq_len, other=-1)
+            doc_k = tl.load(doc_base + cols, mask=cols < seq_len_k, other=-1)
             p = tl.where(doc_q[:, None] == doc_k[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -334,7 +344,8 @@ def _attn_bwd_dq_kernel(
     lse_ptr,
     delta_ptr,
     dq_ptr,
-    doc_ptr,
+    doc_q_ptr,
+    doc_k_ptr,
     doc_start_ptr,
     doc_end_ptr,
     stride_qb,
@@ -352,14 +363,17 @@ def _attn_bwd_dq_kernel(
     stride_dqb,
     stride_dqs,
     stride_dqh,
-    seq_len,
+    seq_len_q,
+    seq_len_k,
     num_heads,
     group_size,
     softmax_scale,
     seq_bucket,
+    seq_bucket_k,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    DOC_RANGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -367,14 +381,14 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if CAUSAL:
-        pid_m = tl.cdiv(seq_len, BLOCK_M) - 1 - pid_m
+        pid_m = tl.cdiv(seq_len_q, BLOCK_M) - 1 - pid_m
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     kh = h // group_size
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_len
+    row_ok = offs_m < seq_len_q
     q = tl.load(
         q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
         mask=row_ok[:, None],
@@ -385,37 +399,38 @@ def _attn_bwd_dq_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
-    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * seq_len_q + offs_m, mask=row_ok, other=float("inf"))
     lse2 = lse2 * LOG2E
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * seq_len_q + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + kh * stride_kh
     v_base = v_ptr + b * stride_vb + kh * stride_vh
-    doc_base = doc_ptr + b * seq_len
+    doc_k_base = doc_k_ptr + b * seq_len_k
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     lo = 0
     doc_q = 0
     if HAS_DOC:
-        doc_q = tl.load(doc_base + offs_m, mask=row_ok, other=-2)
-        lo = (tl.load(doc_start_ptr + b * seq_len + start_m) // BLOCK_N) * BLOCK_N
+        doc_q = tl.load(doc_q_ptr + b * seq_len_q + offs_m, mask=row_ok, other=-2)
+        if DOC_RANGES:
+            lo = (tl.load(doc_start_ptr + b * seq_len_q + start_m) // BLOCK_N) * BLOCK_N
     if CAUSAL:
         mid = start_m
-        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+        hi = tl.minimum(start_m + BLOCK_M, seq_len_k)
     else:
-        hi = seq_len
-        if HAS_DOC:
-            last = tl.minimum(start_m + BLOCK_M, seq_len) - 1
-            hi = tl.load(doc_end_ptr + b * seq_len + last)
-        mid = tl.minimum(hi, (seq_len // BLOCK_N) * BLOCK_N)
+        hi = seq_len_k
+        if DOC_RANGES:
+            last = tl.minimum(start_m + BLOCK_M, seq_len_q) - 1
+            hi = tl.load(doc_end_ptr + b * seq_len_q + last)
+        mid = tl.minimum(hi, (seq_len_k // BLOCK_N) * BLOCK_N)
 
     dq = _dq_sweep(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, doc_q, doc_base, offs_m, lo, mid,
-        seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, False, HAS_DOC, DOT_PRECISION,
+        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, doc_q, doc_k_base, offs_m, lo, mid,
+        seq_len_k, qk_scale, HEAD_DIM, BLOCK_N, False, False, HAS_DOC, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_sweep(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, doc_q, doc_base, offs_m, mid, hi,
-        seq_len, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, HAS_DOC, DOT_PRECISION,
+        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, doc_q, doc_k_base, offs_m, mid, hi,
+        seq_len_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, HAS_DOC, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(
@@ -479,30 +494,33 @@ def attention_backward(
     out_BSHD: torch.Tensor,
     lse_BHS: torch.Tensor,
     doc_ids_BS: torch.Tensor | None,
+    doc_ids_k_BS: torch.Tensor | None,
     doc_start_BS: torch.Tensor | None,
     doc_end_BS: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels; returns (dq_BSHD, dk_BSKD, dv_BSKD) in the inputs' dtypes."""
+    """Launch the three backward kernels; returns (dq_BSHD, dk_BSKD, dv_BSKD) in the inputs' dtypes.
+
+    Document arguments as in `attention_forward`; `lse_BHS` must be contiguous.
+    """
     batch, seq_len, num_heads, head_dim = q_BSHD.shape
-    num_kv_heads = k_BSKD.shape[2]
+    seq_len_k, num_kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
     group_size = num_heads // num_kv_heads
     if do_BSHD.stride(-1) != 1:
         do_BSHD = do_BSHD.contiguous()
-    num_splits = kv_group_splits(batch, seq_len, num_kv_heads, group_size, q_BSHD.device)
+    num_splits = kv_group_splits(batch, seq_len_k, num_kv_heads, group_size, q_BSHD.device)
     dq_BSHD = torch.empty_like(q_BSHD, memory_format=torch.contiguous_format)
     if num_splits == 1:
         dk_BSKD = torch.empty_like(k_BSKD, memory_format=torch.contiguous_format)
         dv_BSKD = torch.empty_like(v_BSKD, memory_format=torch.contiguous_format)
     else:
-        partial_shape = (batch, seq_len, num_kv_heads * num_splits, head_dim)
+        partial_shape = (batch, seq_len_k, num_kv_heads * num_splits, head_dim)
         dk_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
         dv_BSKD = k_BSKD.new_empty(partial_shape, dtype=torch.float32)
     delta_BHS = _delta(out_BSHD, do_BSHD)
 
-    has_doc = doc_ids_BS is not None
-    doc_args = (doc_ids_BS, doc_start_BS, doc_end_BS) if has_doc else (lse_BHS, lse_BHS, lse_BHS)
+    doc_args, has_doc, doc_ranges = document_args(doc_ids_BS, doc_ids_k_BS, doc_start_BS, doc_end_BS, lse_BHS)
     strides = (
         q_BSHD.stride(0), q_BSHD.stride(1), q_BSHD.stride(2),
         k_BSKD.stride(0), k_BSKD.stride(1), k_BSKD.stride(2),
@@ -513,22 +531,24 @@ def attention_backward(
         "HEAD_DIM": head_dim,
         "CAUSAL": causal,
         "HAS_DOC": has_doc,
+        "DOC_RANGES": doc_ranges,
         "DOT_PRECISION": dot_precision(q_BSHD.dtype),
     }
-    bucket = seq_bucket(seq_len)
+    buckets = (seq_bucket(seq_len), seq_bucket(seq_len_k))
     dkdv_args = (
         q_BSHD, k_BSKD, v_BSKD, do_BSHD, lse_BHS, delta_BHS, dk_BSKD, dv_BSKD, *doc_args, *strides,
         dk_BSKD.stride(0), dk_BSKD.stride(1), dk_BSKD.stride(2),
-        seq_len, num_heads, num_kv_heads, group_size, group_size // num_splits, softmax_scale, bucket,
+        seq_len, seq_len_k, num_heads, num_kv_heads, group_size, group_size // num_splits, softmax_scale,
+        *buckets,
     )  # fmt: skip
     dq_args = (
         q_BSHD, k_BSKD, v_BSKD, do_BSHD, lse_BHS, delta_BHS, dq_BSHD, *doc_args, *strides,
         dq_BSHD.stride(0), dq_BSHD.stride(1), dq_BSHD.stride(2),
-        seq_len, num_heads, group_size, softmax_scale, bucket,
+        seq_len, seq_len_k, num_heads, group_size, softmax_scale, *buckets,
     )  # fmt: skip
 
     def dkdv_grid(cfg: dict) -> tuple[int, int]:
-        return (triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * num_kv_heads * num_splits)
+        return (triton.cdiv(seq_len_k, cfg["BLOCK_N"]), batch * num_kv_heads * num_splits)
 
     def dq_grid(cfg: dict) -> tuple[int, int]:
         return (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * num_heads)
@@ -543,7 +563,7 @@ def attention_backward(
         _attn_bwd_dq_kernel[dq_grid(blocks)](*dq_args, **meta, **blocks, **launch)
     if num_splits > 1:
         dk_BSKD, dv_BSKD = (
-            t.view(batch, seq_len, num_kv_heads, num_splits, head_dim).sum(3).to(k_BSKD.dtype)
+            t.view(batch, seq_len_k, num_kv_heads, num_splits, head_dim).sum(3).to(k_BSKD.dtype)
             for t in (dk_BSKD, dv_BSKD)
         )
     return dq_BSHD, dk_BSKD, dv_BSKD

@@ -72,9 +72,12 @@ def _check(
     causal: bool,
     doc_ids_BS: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    doc_ids_k_BT: torch.Tensor | None = None,
 ) -> None:
     out_tol, grad_tol = TOLERANCES[q.dtype]
     kwargs = {"causal": causal, "doc_ids_BS": doc_ids_BS, "softmax_scale": softmax_scale}
+    if doc_ids_k_BT is not None:
+        kwargs["doc_ids_k_BT"] = doc_ids_k_BT
     out, lse = flash_attention(q, k, v, **kwargs)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_out, ref_lse = attention_reference(q, k, v, **kwargs)
@@ -157,6 +160,82 @@ def test_gqa_group_split_over_programs(monkeypatch: pytest.MonkeyPatch, num_spli
     _check(q, k, v, dout, causal=False, doc_ids_BS=_doc_ids(37, [[5, 1, 31]]))
 
 
+def _q_and_kv(seq_len: int, seq_len_k: int, num_kv_heads: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    q, _, _, dout = _inputs(2, seq_len, 4, num_kv_heads, 16, torch.float32, seed=seed)
+    _, k, v, _ = _inputs(2, seq_len_k, 4, num_kv_heads, 16, torch.float32, seed=seed + 1)
+    return q, k, v, dout
+
+
+@pytest.mark.parametrize(("seq_len", "seq_len_k"), [(48, 21), (21, 48), (32, 64), (64, 32)])
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+def test_full_attention_to_keys_of_another_length(seq_len: int, seq_len_k: int, num_kv_heads: int):
+    # Context parallelism's ring attends 2c queries to c keys and c queries to 2c keys; ragged lengths
+    # exercise the separate query and key bounds.
+    q, k, v, dout = _q_and_kv(seq_len, seq_len_k, num_kv_heads)
+    _check(q, k, v, dout, causal=False)
+
+
+@pytest.mark.parametrize(("seq_len", "seq_len_k"), [(48, 21), (21, 48), (40, 40)])
+def test_separate_query_and_key_documents(seq_len: int, seq_len_k: int):
+    # Key ids are not in the queries' order (no tile can be skipped); every query shares a document with
+    # some key, so the reference has no empty row.
+    q, k, v, dout = _q_and_kv(seq_len, seq_len_k, 2)
+    third = seq_len // 3
+    doc_q = _doc_ids(seq_len, [[third, 1, seq_len - third - 1], [seq_len]])
+    doc_k = torch.stack(
+        [torch.arange(seq_len_k, device=DEVICE) % 3, torch.zeros(seq_len_k, dtype=torch.long, device=DEVICE)]
+    )
+    _check(q, k, v, dout, causal=False, doc_ids_BS=doc_q, doc_ids_k_BT=doc_k)
+
+
+def test_query_that_sees_no_key_gets_zero_output_and_minus_inf_lse():
+    # Queries of document 7 have no key: out 0, lse -inf, no gradient; the others match the reference
+    # computed without them, and so do dk and dv (those queries add nothing to them).
+    q, k, v, dout = (t[:1] for t in _q_and_kv(40, 24, 2))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    doc_q = _doc_ids(40, [[11, 17, 12]])
+    doc_q = torch.where(doc_q == 1, 7, doc_q)
+    doc_k = _doc_ids(24, [[10, 14]]) * 2  # ids 0 and 2
+    out, lse = flash_attention(q, k, v, causal=False, doc_ids_BS=doc_q, doc_ids_k_BT=doc_k)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    blind = doc_q[0] == 7
+    assert (out[:, blind] == 0).all() and torch.isneginf(lse[:, :, blind]).all() and (dq[:, blind] == 0).all()
+    seen = ~blind
+    ref_out, ref_lse = attention_reference(
+        q[:, seen], k, v, causal=False, doc_ids_BS=doc_q[:, seen], doc_ids_k_BT=doc_k
+    )
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout[:, seen])
+    _close("out", out[:, seen], ref_out, 1e-4)
+    _close("lse", lse[:, :, seen], ref_lse, 1e-4)
+    _close("dq", dq[:, seen], ref_grads[0][:, seen], 1e-4)
+    _close("dk", dk, ref_grads[1], 1e-4)
+    _close("dv", dv, ref_grads[2], 1e-4)
+
+
+def test_backward_with_a_larger_attentions_lse():
+    # FA2's backward fed the L and O of a larger softmax (keys A then B) gives the part of that softmax's
+    # gradients that flows through each key block alone: how context parallelism runs its ring's blocks.
+    q, k, v, dout = _q_and_kv(24, 48, 2)
+    out, lse = attention_reference(q, k, v, causal=False)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(out, (q, k, v), dout)
+    dq = torch.zeros_like(q)
+    for keys in (slice(0, 16), slice(16, 48)):
+        dq_block, dk, dv = torch.ops.treadle.flash_attention_bwd(
+            dout, q.detach(), k.detach()[:, keys], v.detach()[:, keys], out.detach(), lse.detach(),
+            None, None, None, None, False, 16**-0.5,
+        )  # fmt: skip
+        dq += dq_block
+        _close("dk", dk, ref_dk[:, keys], 1e-4)
+        _close("dv", dv, ref_dv[:, keys], 1e-4)
+    _close("dq", dq, ref_dq, 1e-4)
+
+
+def test_causal_needs_keys_as_long_as_queries():
+    q, k, v, _ = _q_and_kv(16, 32, 2)
+    with pytest.raises(ValueError, match="causal attention needs as many keys as queries"):
+        flash_attention(q, k, v, causal=True)
+
+
 def test_strided_inputs_from_fused_projection():
     # q, k, v as slices of one fused [B, S, H + 2K, D] projection: BSHD strides that are not contiguous.
     gen = torch.Generator().manual_seed(1)
@@ -217,12 +296,14 @@ def test_custom_ops_schema_and_fake_tensors():
     start, end = document_ranges(doc_ids)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(
-        torch.ops.treadle.flash_attention_fwd, (q, k, v, doc_ids, start, end, True, 0.25), test_utils=tests
+        torch.ops.treadle.flash_attention_fwd,
+        (q, k, v, doc_ids, None, start, end, True, 0.25),
+        test_utils=tests,
     )
-    out, lse = torch.ops.treadle.flash_attention_fwd(q, k, v, None, None, None, False, 0.25)
+    out, lse = torch.ops.treadle.flash_attention_fwd(q, k, v, None, None, None, None, False, 0.25)
     torch.library.opcheck(
         torch.ops.treadle.flash_attention_bwd,
-        (dout, q, k, v, out, lse, None, None, None, False, 0.25),
+        (dout, q, k, v, out, lse, None, None, None, None, False, 0.25),
         test_utils=tests,
     )
 
