@@ -16,8 +16,11 @@ OUT=${OUT:-/tmp/treadle_scaling}
 mkdir -p "$OUT"
 summary=$OUT/summary.jsonl
 gpus=$(nvidia-smi -L | wc -l)
+# LAYOUTS="fsdp tp2" runs only those layouts (names as above, without :N); empty runs all.
 run() {
   local n=$1; shift
+  local layout=${2%%:*}
+  [ -z "${LAYOUTS:-}" ] || [[ " $LAYOUTS " == *" $layout "* ]] || return 0
   timeout "${LIMIT:-240}" python3 -m torch.distributed.run --nproc_per_node="$n" benchmarks/step.py \
     --summary "$summary" --steps "${STEPS:-8}" --warmup 2 --profile +config=pretrain/llama3_8b \
     logging.wandb.mode=disabled trainer.global_batch_size="$n" "$@" 2>&1 | grep -E "^# |Error|error:" | tail -3
