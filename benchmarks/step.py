@@ -2,7 +2,7 @@
 
     python benchmarks/step.py --recipe pretrain/llama3_1b --steps 50 --out benchmarks/results/step.jsonl
 
-Under torchrun it times one parallel layout instead (no peer), optionally profiling how much of the
+Under torchrun (any number of processes) it times one parallel layout instead (no peer), optionally profiling how much of the
 communication kernel time is not hidden behind compute, and appends a record to `--summary`;
 `--combine SUMMARY --baseline NAME` then writes the layouts' result lines against one of them:
 
@@ -342,7 +342,7 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = load_config(base)
-    if world_size_from_env() > 1:
+    if "LOCAL_RANK" in os.environ:  # under torchrun, one process per GPU included
         run_layout(args, cfg)
         return
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
