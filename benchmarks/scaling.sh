@@ -23,7 +23,7 @@ run() {
   [ -z "${LAYOUTS:-}" ] || [[ " $LAYOUTS " == *" $layout "* ]] || return 0
   timeout "${LIMIT:-240}" python3 -m torch.distributed.run --nproc_per_node="$n" benchmarks/step.py \
     --summary "$summary" --steps "${STEPS:-8}" --warmup 2 --profile --recipe pretrain/llama3_8b \
-    logging.wandb.mode=disabled trainer.global_batch_size="$n" "$@" 2>&1 | grep -E "^# |Error|error:" | tail -3
+    "$@" logging.wandb.mode=disabled trainer.global_batch_size="$n" 2>&1 | grep -E "^# |Error|error:" | tail -3
 }
 for n in ${COUNTS:-1 2 4 8}; do
   [ "$n" -le "$gpus" ] || break
