@@ -92,6 +92,7 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
             # step in DeepSpeedCPUAdam (SIMD C++); the DeepSpeed peer of FSDP2's CPU offload.
             parallel.deepspeed = DeepSpeedConfig(zero_stage=3, offload_param="cpu", offload_optimizer="cpu")
         if mode == "zero3_nvme":
+            block_numel = sum(p.numel() for p in model.layers["0"].parameters())
             parallel.deepspeed = DeepSpeedConfig(
                 zero_stage=3,
                 offload_param="nvme",
@@ -102,6 +103,16 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
                 # current block's and the prefetched block's parameters live: two blocks' worth, plus the
                 # embedding and output (5, DeepSpeed's default, fails with "Not enough buffers" at 3B).
                 param_buffer_count=2 * sum(1 for _ in model.layers["0"].parameters()) + 4,
+                # ...which holds only if ZeRO-3 keeps no more than those live: its default allowance
+                # (1e9 elements) would keep the whole of a 1B model live and run out of swap buffers
+                # ("Not enough buffers 0 for swapping 1", seen on the H100 at 1B).
+                overrides={
+                    "zero_optimization": {
+                        "stage3_max_live_parameters": 2 * block_numel,
+                        "stage3_prefetch_bucket_size": block_numel,
+                        "stage3_max_reuse_distance": block_numel,
+                    }
+                },
             )
         engine = build_engine(
             dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size,
