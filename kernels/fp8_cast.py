@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import triton
 import triton.language as tl
 
@@ -70,12 +71,22 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return fp8_max(dtype) / amax.float().clamp(min=AMAX_EPS)
 
 
+def _reduce_amax(amax: torch.Tensor, group) -> torch.Tensor:
+    """The max over a tensor-parallel group of each rank's amax: a sharded operand is scaled as the whole
+    tensor would be, so tensor parallelism casts to the same FP8 values as one device."""
+    if group is None:
+        return amax
+    return funcol.wait_tensor(funcol.all_reduce(amax.contiguous(), "max", group))
+
+
 def cast_to_fp8_reference(
-    x: torch.Tensor, dtype: torch.dtype, rowwise: bool
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, amax_group=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: (x_fp8 [R, C], dequantisation factor: [] tensorwise or [R, 1] rowwise, fp32)."""
+    """Plain PyTorch: (x_fp8 [R, C], dequantisation factor: [] tensorwise or [R, 1] rowwise, fp32).
+    `amax_group`: the amax is the max over that process group's ranks (see `_reduce_amax`)."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True) if rowwise else x32.abs().amax()
+    amax = _reduce_amax(amax, amax_group)
     scale = scale_from_amax(amax, dtype)
     limit = fp8_max(dtype)
     return (x32 * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
@@ -149,7 +160,7 @@ def _interpreting() -> bool:
 
 
 def cast_to_fp8_triton(
-    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, *, soft_cast: bool | None = None
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, amax_group=None, *, soft_cast: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `cast_to_fp8_reference` for a 2-D `x` (bit-equal to it)."""
     assert x.dim() == 2 and dtype in _FORMATS, (x.shape, dtype)
@@ -161,13 +172,13 @@ def cast_to_fp8_triton(
     num_blocks = triton.cdiv(amax_RC.shape[1], _AMAX_BLOCK)
     partial_RP = torch.empty(amax_RC.shape[0], num_blocks, dtype=torch.float32, device=x.device)
     out = torch.empty(rows, cols, dtype=dtype, device=x.device)
-    if x.numel() == 0:
+    if x.numel() == 0 and amax_group is None:
         return out, torch.ones((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
     _amax_kernel[(amax_RC.shape[0] * num_blocks,)](
         amax_RC, partial_RP, amax_RC.shape[1], amax_RC.stride(0), num_blocks, BLOCK=_AMAX_BLOCK
     )
     amax = partial_RP.amax(dim=1, keepdim=True) if rowwise else partial_RP.amax()
-    scale = scale_from_amax(amax, dtype)
+    scale = scale_from_amax(_reduce_amax(amax, amax_group), dtype)
     mant, bias = _FORMATS[dtype]
     cast_blocks = triton.cdiv(cols, _CAST_BLOCK)
     _cast_kernel[(rows * cast_blocks,)](
@@ -187,12 +198,14 @@ def cast_to_fp8_triton(
     return out, scale.reciprocal()
 
 
-def cast_to_fp8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def cast_to_fp8(
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool, amax_group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton cast on CUDA in eager mode; the reference elsewhere. Under torch.compile the reference is
     what Inductor sees and fuses into its own amax and cast kernels, where a Triton launch would be opaque."""
     if x.is_cuda and not torch.compiler.is_compiling():
-        return cast_to_fp8_triton(x, dtype, rowwise)
-    return cast_to_fp8_reference(x, dtype, rowwise)
+        return cast_to_fp8_triton(x, dtype, rowwise, amax_group)
+    return cast_to_fp8_reference(x, dtype, rowwise, amax_group)
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -239,44 +252,79 @@ def _grad_dtype(rowwise: bool) -> torch.dtype:
     return E4M3 if rowwise else E5M2
 
 
+class _AmaxGroups:
+    """Which casts of a tensor-parallel FP8 linear take their amax over the TP group (`tp_group`).
+
+    The weight is column-parallel (`Shard(0)`: each rank holds output rows, x is replicated, y and dy are
+    sharded on N) or row-parallel (`Shard(1)`: x and W are sharded on K, y is a partial sum, dy is
+    replicated). Tensorwise, every sharded operand needs the group's amax; rowwise (one scale per row along
+    the GEMM's contraction dim), only the operands whose contraction dim is the sharded one: column-parallel
+    grad input (contracts N), row-parallel forward (contracts K). Replicated operands are the same on every
+    rank and need nothing.
+    """
+
+    def __init__(self, rowwise: bool, tp_group, tp_split: str | None):
+        col, row = tp_split == "colwise", tp_split == "rowwise"
+        group = tp_group if tp_split else None
+        if rowwise:
+            self.x = self.w = group if row else None  # forward, contracting K
+            self.dy = self.wt = group if col else None  # grad input, contracting N
+        else:
+            self.x = group if row else None
+            self.w = group
+            self.dy = self.wt = group if col else None
+
+
 class Float8MatmulFunction(torch.autograd.Function):
     """y [..., N] = x [..., K] @ weight [N, K]ᵀ with FP8 operands in all three GEMMs (see module doc).
 
     Scales always run along each GEMM's contraction dim: forward x per token and W per output row over K;
     grad input dy per token over N and W per input column over N; grad weight dy and x per feature over M.
     Tensorwise the transposed operands are transposes of one cast (a per-tensor scale has no direction).
+
+    Under tensor parallelism x and weight are this rank's local tensors, `tp_split` says how the weight is
+    sharded (colwise | rowwise) and `tp_group` is the TP process group: the casts of sharded operands take
+    their amax over the group (`_AmaxGroups`: one small all-reduce of a scalar, or of one value per row,
+    per cast), so every rank quantises with the scales one device would use.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        recipe: str,
+        emulate: bool,
+        tp_group=None,
+        tp_split: str | None = None,
     ) -> torch.Tensor:
         rowwise = recipe == "rowwise"
+        groups = _AmaxGroups(rowwise, tp_group, tp_split)
         x_MK = x.reshape(-1, x.shape[-1])
-        x_q, x_s = cast_to_fp8(x_MK, E4M3, rowwise)
-        w_q, w_s = cast_to_fp8(weight, E4M3, rowwise)
+        x_q, x_s = cast_to_fp8(x_MK, E4M3, rowwise, groups.x)
+        w_q, w_s = cast_to_fp8(weight, E4M3, rowwise, groups.w)
         y_MN = scaled_mm(x_q, w_q.t(), x_s, w_s.t(), x.dtype, emulate=emulate, fast_accum=True)
         ctx.save_for_backward(x, weight)
-        ctx.recipe, ctx.emulate = recipe, emulate
+        ctx.recipe, ctx.emulate, ctx.groups = recipe, emulate, groups
         return y_MN.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        rowwise, emulate = ctx.recipe == "rowwise", ctx.emulate
+        rowwise, emulate, groups = ctx.recipe == "rowwise", ctx.emulate, ctx.groups
         x_MK, dy_MN = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         grad = _grad_dtype(rowwise)
         if rowwise:
-            dy_q, dy_s = cast_to_fp8(dy_MN, grad, True)
+            dy_q, dy_s = cast_to_fp8(dy_MN, grad, True, groups.dy)
             dyt_q, dyt_s = cast_to_fp8(dy_MN.t().contiguous(), grad, True)
-            wt_q, wt_s = cast_to_fp8(weight.t().contiguous(), E4M3, True)
+            wt_q, wt_s = cast_to_fp8(weight.t().contiguous(), E4M3, True, groups.wt)
             xt_q, xt_s = cast_to_fp8(x_MK.t().contiguous(), E4M3, True)
         else:
-            dy_q, dy_s = cast_to_fp8(dy_MN, grad, False)
+            dy_q, dy_s = cast_to_fp8(dy_MN, grad, False, groups.dy)
             dyt_q, dyt_s = dy_q.t().contiguous(), dy_s
-            w_q, wt_s = cast_to_fp8(weight, E4M3, False)
+            w_q, wt_s = cast_to_fp8(weight, E4M3, False, groups.w)
             wt_q = w_q.t().contiguous()
-            x_q, xt_s = cast_to_fp8(x_MK, E4M3, False)
+            x_q, xt_s = cast_to_fp8(x_MK, E4M3, False, groups.x)
             xt_q = x_q.t().contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -295,7 +343,7 @@ class Float8MatmulFunction(torch.autograd.Function):
                 weight.dtype,
                 emulate=emulate,
             )
-        return dx, dw, None, None
+        return dx, dw, None, None, None, None
 
 
 def _qdq(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:

@@ -18,8 +18,11 @@ so that they can be compared run for run:
   function after each optimizer step.
 
 Both emulate FP8 (quantise, dequantise, matmul in high precision) where `torch._scaled_mm` cannot run — on
-a CPU, with a warning — or when `fp8.emulate=true`. Tensor parallelism is refused at validation: DTensor-
-sharded FP8 matmuls need their own TP styles (torchao's `Float8ColwiseParallel`), not wired up yet.
+a CPU, with a warning — or when `fp8.emulate=true`. Under tensor parallelism (treadle backend) torch's
+Colwise/RowwiseParallel styles shard `Float8Linear` like any `nn.Linear`; its forward runs the FP8 matmul on
+the local shards with every sharded operand's amax taken over the TP group, so a TP run quantises exactly as
+one device would (`Float8Linear._forward_tensor_parallel`). The torchao backend with TP is refused: it needs
+torchao's own `Float8ColwiseParallel` styles, not wired up.
 
 The output layer is excluded by default: the logits' error feeds the loss of every token directly, and FP8
 output heads are known to hurt convergence (the FP8 recipes of DeepSeek-V3 §3.3 and torchao keep it in BF16).
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from treadle.kernels.fp8_cast import RECIPES, Float8MatmulFunction, fp8_matmul_supported
 from treadle.parallel.fp8_torchao import (
@@ -96,8 +100,39 @@ class Float8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, DTensor):
+            return self._forward_tensor_parallel(x)
         y = Float8MatmulFunction.apply(x, self.weight, self.recipe, self.emulate)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_tensor_parallel(self, x: DTensor) -> DTensor:
+        """Under torch's Colwise/RowwiseParallel styles (which hand forward DTensors): the FP8 matmul of the
+        local shards, scaled over the TP group, wrapped back in the placements a sharded linear produces.
+
+        Column-parallel: x Replicate, W Shard(0) → y Shard(-1); x's local gradient is a partial sum
+        (this rank's output columns only), so it leaves as Partial and the style's input redistribution
+        reduces it. Row-parallel: x Shard(-1), W Shard(1) → y Partial, reduced by the style's output
+        redistribution (all-reduce, or reduce-scatter under sequence parallelism).
+        """
+        weight = self.weight
+        (placement,) = weight.placements
+        if placement == Shard(0):
+            split, x_grad, y_placement = "colwise", Partial(), Shard(x.ndim - 1)
+        elif placement == Shard(1):
+            split, x_grad, y_placement = "rowwise", Shard(x.ndim - 1), Partial()
+        else:
+            raise ValueError(f"FP8 linear with a weight placed {weight.placements}: only Shard(0)/Shard(1)")
+        mesh = weight.device_mesh
+        y_local = Float8MatmulFunction.apply(
+            x.to_local(grad_placements=[x_grad]), weight.to_local(), self.recipe, self.emulate,
+            mesh.get_group(), split,
+        )  # fmt: skip
+        if self.bias is not None and split == "colwise":
+            y_local = y_local + self.bias.to_local().to(y_local.dtype)
+        y = DTensor.from_local(y_local, mesh, [y_placement], run_check=False)
+        if self.bias is not None and split == "rowwise":
+            y = y + self.bias.to(y.dtype)  # DTensor reduces the partial sum first
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

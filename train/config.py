@@ -102,9 +102,9 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
 def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
     """FP8 linears, activation compression/offload and parameter offload against the layout."""
     _check(
-        not cfg.fp8.enabled or dims.tp == 1,
-        f"fp8.enabled=true is not supported with parallel.tp={dims.tp} (FP8 linears have no tensor-parallel "
-        f"plan yet); fix: set parallel.tp=1 or fp8.enabled=false",
+        not cfg.fp8.enabled or dims.tp == 1 or cfg.fp8.backend == "treadle",
+        f"fp8.backend=torchao is not supported with parallel.tp={dims.tp} (torchao's FP8 tensor-parallel "
+        f"styles are not wired up); fix: set fp8.backend=treadle, or parallel.tp=1",
     )
     _check(
         cfg.memory.activation_compression == "none" or not cfg.parallel.compile,

@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from treadle.models.llama import Llama, ModelConfig
+from treadle.parallel.fp8 import Float8Config, convert_to_float8
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
 from treadle.parallel.tp import apply_tp
 
@@ -20,20 +21,27 @@ pytestmark = pytest.mark.slow
 CFG = dict(dim=64, num_layers=1, num_heads=4, num_kv_heads=2, vocab_size=96, ffn_dim=128, max_seq_len=32)
 
 
-def _grads(rank: int, world_size: int, sequence_parallel: bool, tie: bool) -> dict[str, float]:
+def _grads(
+    rank: int, world_size: int, sequence_parallel: bool, tie: bool, fp8: str | None = None
+) -> dict[str, float]:
     torch.manual_seed(0)
     tokens = torch.randint(0, 96, (2, 16))
     labels = torch.randint(0, 96, (2, 16))
     labels[0, :5] = -100
     cfg = ModelConfig(**CFG, tie_embeddings=tie)
 
+    # FP8 (emulated): every block linear on both sides; the TP side must quantise with the same scales.
+    fp8_cfg = Float8Config(enabled=fp8 is not None, recipe=fp8 or "tensorwise", emulate=True)
     twin = Llama(cfg)
     twin.init_weights(seed=7)
+    convert_to_float8(twin, fp8_cfg, torch.device("cpu"))
     loss, _ = twin(tokens, labels_BS=labels)
     loss.backward()
 
     with torch.device("meta"):
         model = Llama(cfg)
+    converted = convert_to_float8(model, fp8_cfg, torch.device("cpu"))
+    assert (fp8 is None) == (not converted)
     apply_tp(
         model,
         init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)),
@@ -59,3 +67,13 @@ def test_tp_gradients_match_the_unsharded_twin(sequence_parallel, tie):
     errors = run_distributed(_grads, 2, sequence_parallel, tie)[0]
     assert len(errors) > 10
     assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_tp_gradients_match_the_unsharded_fp8_twin(recipe):
+    """FP8 linears under TP+SP: the amax of every sharded operand is taken over the TP group, so the shards
+    are quantised exactly as the whole tensors are on one device; only the row-parallel sums' order differs
+    (and may move a rare value across an FP8 rounding boundary)."""
+    errors = run_distributed(_grads, 2, True, False, recipe)[0]
+    assert len(errors) > 10
+    assert max(errors.values()) < 1e-4, {k: v for k, v in errors.items() if v >= 1e-4}
