@@ -84,7 +84,9 @@ def test_fp8_rowwise_under_fsdp_two_ranks(cache, tmp_path):
 
 def test_fp8_under_tensor_parallelism_follows_one_process(cache, tmp_path):
     single = train_run(1, tmp_path / "one", cache, *SHORT, "fp8=tensorwise")
-    tp = train_run(2, tmp_path / "tp", cache, *SHORT, "fp8=tensorwise", "parallel.tp=2", "parallel.dp_shard=1")
+    tp = train_run(
+        2, tmp_path / "tp", cache, *SHORT, "fp8=tensorwise", "parallel.tp=2", "parallel.dp_shard=1"
+    )
     # Scales are taken over the TP group (the shards quantise as the whole tensors do); what differs is the
     # row-parallel sums' order, which can move a rare value across an FP8 rounding boundary.
     torch.testing.assert_close(torch.tensor(tp), torch.tensor(single), rtol=1e-3, atol=0)
