@@ -99,6 +99,7 @@ class Case:
     compile: bool = True
     twin: str | None = None  # a second peer: the same case with the other FP8 backend
     peer: str | None = None  # the BF16 case it is measured against (default: bf16, or bf16_eager if eager)
+    kernels: dict = field(default_factory=dict)  # KernelsConfig overrides (e.g. the chunked linear-CE loss)
 
 
 CASES = {
@@ -116,6 +117,12 @@ CASES = {
     "bf16_eager": Case(compile=False),
     "fp8_eager": Case(fp8="tensorwise", compile=False, twin="fp8_torchao_eager"),
     "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False),
+    # Every memory feature at once: the FP8 trio plus the chunked linear + cross-entropy loss kernel, which
+    # never materialises the [tokens, vocab] logits (6 GiB in fp32 + bf16 at 1B, mb 4 × 2048).
+    "fp8_all_fused_loss": Case(
+        fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False,
+        kernels={"loss": "triton"},
+    ),
     "offload": Case(memory={"activation_offload": True}),
     "param_offload": Case(memory={"param_offload": "cpu"}),
     "fp8_torchao": Case(fp8="tensorwise", fp8_backend="torchao"),
@@ -139,7 +146,7 @@ def _build(
         seed=seed, shuffle=True,
     )  # fmt: skip
     with torch.device("meta"):
-        model = get_model_spec(model_cfg.name).build(model_cfg, KernelsConfig())
+        model = get_model_spec(model_cfg.name).build(model_cfg, KernelsConfig(**case.kernels))
     engine = NativeEngine(
         dims,
         ParallelConfig(compile=case.compile and DEVICE.type == "cuda"),
