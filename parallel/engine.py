@@ -191,8 +191,8 @@ def build_engine(
     micro_batch_size: int = 1,
     grad_accum: int = 1,
 ) -> Engine:
-    """The engine named by `parallel.engine`. The batch split matters only to engines that generate their own
-    runtime config from it (DeepSpeed); the native engine takes whatever the Trainer feeds it."""
+    """The engine named by `parallel.engine`. DeepSpeed generates its runtime config from the batch split; the
+    native engine uses `grad_accum` only to find each step's last micro-batch (see `NativeEngine.backward`)."""
     if cfg.engine == "native":
         return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg, grad_accum=grad_accum)
     if cfg.engine == "deepspeed":
