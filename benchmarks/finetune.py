@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from _results import emit, triton_version
-from step import _timed, hf_step, run_treadle, summarize
+from step import hf_llama_config, hf_step, run_treadle, summarize, time_peer
 
 from treadle.models import get_model_spec
 from treadle.train.config import TrainConfig, load_config
@@ -36,15 +36,9 @@ from treadle.train.metrics import peak_flops
 
 def run_hf_peft(cfg: TrainConfig, batches: list, steps: int, warmup: int) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    m = cfg.model
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa",
-    )  # fmt: skip
+    hf_cfg = hf_llama_config(cfg.model)
     with torch.device("cuda"):
         model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -56,10 +50,7 @@ def run_hf_peft(cfg: TrainConfig, batches: list, steps: int, warmup: int) -> dic
     model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, fused=True)
-    torch.cuda.reset_peak_memory_stats()
-    step = hf_step(model, batches, optimizer, trainable, cfg.optim.clip_grad_norm)
-    seconds, losses = _timed(step, steps, warmup)
-    return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return time_peer(hf_step(model, batches, optimizer, trainable, cfg.optim.clip_grad_norm), steps, warmup)
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ def lines(records: list[dict], counts: list[int]) -> list[dict]:
             }
         )
 
-    fsdp_family = {n: r for layout in ("fsdp",) for n, r in by_layout.get(layout, {}).items()}
+    fsdp_family = by_layout.get("fsdp", {})
     for layout, runs in sorted(by_layout.items()):
         anchor, anchor_value = _anchor(layout)
         family = runs if layout == "fp8" else fsdp_family or runs

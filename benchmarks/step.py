@@ -254,33 +254,29 @@ def hf_step(forward, batches: list, optimizer, params: list, clip: float, schedu
     return step
 
 
-def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_llama_config(m):
+    """transformers' `LlamaConfig` of a treadle model config (the config.json `launch/export.py` writes), with
+    SDPA attention."""
+    from transformers import LlamaConfig
 
-    m = cfg.model
-    rope_scaling = None
-    if m.rope_scaling is not None:
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": m.rope_scaling.factor,
-            "low_freq_factor": m.rope_scaling.low_freq_factor,
-            "high_freq_factor": m.rope_scaling.high_freq_factor,
-            "original_max_position_embeddings": m.rope_scaling.original_max_seq_len,
-        }
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.dim,
-        intermediate_size=m.hidden_dim,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=m.max_seq_len,
-        tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa",
+    from treadle.models.hf import hf_config_from_model
+
+    return LlamaConfig(
+        **hf_config_from_model(m, "LlamaForCausalLM", torch.float32), attn_implementation="sdpa"
     )
+
+
+def time_peer(step, steps: int, warmup: int) -> dict:
+    """`_timed` of a peer's step function, with the GPU's peak memory over those steps."""
+    torch.cuda.reset_peak_memory_stats()
+    seconds, losses = _timed(step, steps, warmup)
+    return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_model: bool) -> dict:
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = hf_llama_config(cfg.model)
     model = LlamaForCausalLM(hf_cfg).cuda()
     model.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW(
@@ -293,10 +289,8 @@ def run_hf(cfg: TrainConfig, batches: list, steps: int, warmup: int, compile_mod
     )
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     forward = torch.compile(model) if compile_model else model
-    torch.cuda.reset_peak_memory_stats()
     step = hf_step(forward, batches, optimizer, list(model.parameters()), cfg.optim.clip_grad_norm, scheduler)
-    seconds, losses = _timed(step, steps, warmup)
-    return {"seconds": seconds, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return time_peer(step, steps, warmup)
 
 
 def main() -> None:

@@ -172,13 +172,19 @@ def cast_to_fp8_triton(
     num_blocks = triton.cdiv(amax_RC.shape[1], _AMAX_BLOCK)
     partial_RP = torch.empty(amax_RC.shape[0], num_blocks, dtype=torch.float32, device=x.device)
     out = torch.empty(rows, cols, dtype=dtype, device=x.device)
-    if x.numel() == 0 and amax_group is None:
-        return out, torch.ones((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
-    _amax_kernel[(amax_RC.shape[0] * num_blocks,)](
-        amax_RC, partial_RP, amax_RC.shape[1], amax_RC.stride(0), num_blocks, BLOCK=_AMAX_BLOCK
-    )
-    amax = partial_RP.amax(dim=1, keepdim=True) if rowwise else partial_RP.amax()
+    if x.numel() == 0:
+        if amax_group is None:
+            return out, torch.ones((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
+        # An empty shard still joins its group's amax all-reduce (the other ranks wait for it).
+        amax = torch.zeros((rows, 1) if rowwise else (), dtype=torch.float32, device=x.device)
+    else:
+        _amax_kernel[(amax_RC.shape[0] * num_blocks,)](
+            amax_RC, partial_RP, amax_RC.shape[1], amax_RC.stride(0), num_blocks, BLOCK=_AMAX_BLOCK
+        )
+        amax = partial_RP.amax(dim=1, keepdim=True) if rowwise else partial_RP.amax()
     scale = scale_from_amax(_reduce_amax(amax, amax_group), dtype)
+    if x.numel() == 0:
+        return out, scale.reciprocal()
     mant, bias = _FORMATS[dtype]
     cast_blocks = triton.cdiv(cols, _CAST_BLOCK)
     _cast_kernel[(rows * cast_blocks,)](
@@ -266,13 +272,12 @@ class _AmaxGroups:
     def __init__(self, rowwise: bool, tp_group, tp_split: str | None):
         col, row = tp_split == "colwise", tp_split == "rowwise"
         group = tp_group if tp_split else None
-        if rowwise:
-            self.x = self.w = group if row else None  # forward, contracting K
-            self.dy = self.wt = group if col else None  # grad input, contracting N
-        else:
-            self.x = group if row else None
-            self.w = group
-            self.dy = self.wt = group if col else None
+        self.dy = group if col else None  # sharded on N (tensorwise); contracting N (rowwise, grad input)
+        self.x = group if row else None  # sharded on K; contracting K (rowwise, forward)
+        # Tensorwise, W and its transpose are one cast of a sharded tensor; rowwise, W's forward cast
+        # contracts K like x's and its transposed cast contracts N like dy's.
+        self.w = self.x if rowwise else group
+        self.wt = self.dy if rowwise else group
 
 
 class Float8MatmulFunction(torch.autograd.Function):

@@ -13,26 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from fp8_fixtures import CFG, CPU, rel_error
 
 from treadle.kernels.fp8_cast import fp8_linear_reference
-from treadle.models.llama import Llama, ModelConfig
+from treadle.models.llama import Llama
 from treadle.parallel.fp8 import Float8Config, Float8Linear, convert_to_float8
-
-CPU = torch.device("cpu")
-CFG = ModelConfig(
-    dim=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    vocab_size=97,
-    ffn_dim=128,
-    max_seq_len=64,
-    tie_embeddings=False,
-)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _convert(model: nn.Module, **kwargs) -> list[str]:
@@ -61,10 +46,10 @@ def test_linear_matches_fp8_reference_and_fp32(recipe: str) -> None:
     torch.testing.assert_close(db, dy.sum((0, 1)))
     y32 = linear(x)
     dx32, dw32 = torch.autograd.grad(y32, (x, linear.weight), dy)
-    assert _rel(y - linear.bias, y32 - linear.bias) < 0.08
-    assert _rel(dx, dx32) < 0.12 and _rel(dw, dw32) < 0.12
+    assert rel_error(y - linear.bias, y32 - linear.bias) < 0.08
+    assert rel_error(dx, dx32) < 0.12 and rel_error(dw, dw32) < 0.12
     # Not a no-op: FP8 rounding is visible.
-    assert _rel(y - linear.bias, y32 - linear.bias) > 1e-3
+    assert rel_error(y - linear.bias, y32 - linear.bias) > 1e-3
 
 
 def test_filter_selects_block_linears_and_never_the_output_layer() -> None:
@@ -124,8 +109,8 @@ def test_model_with_fp8_linears_tracks_fp32_model() -> None:
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert abs(losses[1] - losses[0]) < 0.01 * losses[0]
     for name, grad in grads[0].items():
-        assert _rel(grads[1][name], grad) < 0.15, name
-    assert max(_rel(grads[1][n], g) for n, g in grads[0].items()) > 1e-3
+        assert rel_error(grads[1][name], grad) < 0.15, name
+    assert max(rel_error(grads[1][n], g) for n, g in grads[0].items()) > 1e-3
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile missing")

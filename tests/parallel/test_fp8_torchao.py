@@ -21,23 +21,13 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from fp8_fixtures import CFG, CPU, rel_error
 
-from treadle.models.llama import Llama, ModelConfig
+from treadle.models.llama import Llama
 from treadle.parallel import fp8 as fp8_plan
 from treadle.parallel.fp8 import Float8Config, Float8Linear, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fp8_torchao import TORCHAO_MISSING, precompute_weight_scales, torchao_available
 
-CPU = torch.device("cpu")
-CFG = ModelConfig(
-    dim=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    vocab_size=97,
-    ffn_dim=128,
-    max_seq_len=64,
-    tie_embeddings=False,
-)
 BLOCK_LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -48,10 +38,6 @@ BLOCK_LINEARS = (
     "mlp.down_proj",
 )
 needs_torchao = pytest.mark.skipif(not torchao_available(), reason="torchao is not installed")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _convert(model: nn.Module, **kwargs) -> list[str]:
@@ -124,12 +110,12 @@ def test_linear_matches_fp32_and_the_treadle_backend(recipe: str) -> None:
         torch.testing.assert_close(db, dy.sum((0, 1)))
         results[name] = (y - module.bias, dx, dw)
     torchao, treadle, fp32 = results["torchao"], results["treadle"], results["fp32"]
-    assert _rel(torchao[0], fp32[0]) < 0.08
-    assert _rel(torchao[1], fp32[1]) < 0.12 and _rel(torchao[2], fp32[2]) < 0.12
-    assert _rel(torchao[0], fp32[0]) > 1e-3  # FP8 rounding is visible: not a plain linear
+    assert rel_error(torchao[0], fp32[0]) < 0.08
+    assert rel_error(torchao[1], fp32[1]) < 0.12 and rel_error(torchao[2], fp32[2]) < 0.12
+    assert rel_error(torchao[0], fp32[0]) > 1e-3  # FP8 rounding is visible: not a plain linear
     bound = 1e-5 if recipe == "tensorwise" else 0.08
     for ours, theirs in zip(treadle, torchao, strict=True):
-        assert _rel(theirs, ours) < bound
+        assert rel_error(theirs, ours) < bound
 
 
 @needs_torchao
@@ -150,8 +136,8 @@ def test_model_tracks_fp32_and_the_treadle_backend() -> None:
     assert abs(losses["torchao"] - losses["fp32"]) < 0.01 * losses["fp32"]
     assert abs(losses["torchao"] - losses["treadle"]) < 1e-5 * losses["treadle"]
     for name, grad in grads["treadle"].items():
-        assert _rel(grads["torchao"][name], grad) < 1e-4, name
-        assert _rel(grads["torchao"][name], grads["fp32"][name]) < 0.15, name
+        assert rel_error(grads["torchao"][name], grad) < 1e-4, name
+        assert rel_error(grads["torchao"][name], grads["fp32"][name]) < 0.15, name
 
 
 @needs_torchao
