@@ -25,6 +25,7 @@ both sides, so TFLOP/s and MFU are comparable. One JSON line per (case, metric, 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import gc
 import json
@@ -66,9 +67,9 @@ def run_treadle(cfg: TrainConfig, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "losses": losses, "peak_gib": peak, "batches": batches}
 
 
-def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float]:
-    """(communication kernel time, the part of it not overlapped by any compute kernel), in ms per step,
-    from the torch profiler's CUDA kernel timeline of this rank."""
+def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float, dict[str, float]]:
+    """(communication kernel time, the part of it not overlapped by any compute kernel, the 12 kernels with
+    the most time), in ms per step, from the torch profiler's CUDA kernel timeline of this rank."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -76,6 +77,7 @@ def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float]:
             trainer.train_step()
         torch.cuda.synchronize()
     comm, compute = [], []
+    per_kernel: dict[str, float] = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -83,9 +85,11 @@ def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float]:
         name = event.name.lower()
         is_comm = "nccl" in name or "symm" in name or "cross_device" in name or "multimem" in name
         (comm if is_comm else compute).append(interval)
+        per_kernel[event.name[:80]] = per_kernel.get(event.name[:80], 0.0) + interval[1] - interval[0]
     total_comm = sum(end - start for start, end in _union(comm))
     hidden = sum(end - start for start, end in _intersect(_union(comm), _union(compute)))
-    return total_comm / steps / 1e3, (total_comm - hidden) / steps / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return total_comm / steps / 1e3, (total_comm - hidden) / steps / 1e3, {k: v / steps / 1e3 for k, v in top}
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -119,7 +123,9 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
         trainer = build_trainer(cfg, dims, device)
         torch.cuda.reset_peak_memory_stats()
         seconds, losses = _timed(lambda: trainer.train_step().loss, args.steps, args.warmup)
-        comm_ms, exposed_ms = _exposed_communication_ms(trainer, 3) if args.profile else (None, None)
+        comm_ms, exposed_ms, top_kernels = (
+            _exposed_communication_ms(trainer, 3) if args.profile else (None, None, None)
+        )
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         if dist.get_rank() != 0:
             return
@@ -140,6 +146,8 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
             "peak_memory_gib": peak_gib,
             "last_loss": losses[-1],
             "device": torch.cuda.get_device_name(),
+            "inductor": args.inductor,
+            "top_kernels_ms_per_step": top_kernels,
         }
         print(f"# {json.dumps(record)}", flush=True)
         if args.summary:
@@ -317,8 +325,21 @@ def main() -> None:
     parser.add_argument("--combine", type=Path, default=None, help="turn a --summary file into result lines")
     parser.add_argument("--baseline", default=None, help="with --combine: the record the others compare to")
     parser.add_argument("--case", default="llama3_1b", help="with --combine: case name prefix")
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        help="an Inductor setting for this run, KEY=PYTHON_LITERAL, e.g. reorder_for_compute_comm_overlap=True",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.micro_batch_size=4")
     args = parser.parse_args()
+    for setting in args.inductor:
+        import torch._inductor.config as inductor_config
+
+        key, _, value = setting.partition("=")
+        if not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {setting}: torch._inductor.config has no setting {key!r}")
+        setattr(inductor_config, key, ast.literal_eval(value))
     if args.combine:
         combine(args.combine, args.baseline, args.case, args.out)
         return

@@ -5,16 +5,21 @@ Both act through `torch.autograd.graph.saved_tensors_hooks` around each transfor
 tensor autograd saves inside the block is packed (compressed, then offloaded) and unpacked in backward.
 The hooks are entered by forward pre/post hooks of the block module itself, so parameter names do not change
 and the hooks sit outside a compiled block: Dynamo cannot trace `saved_tensors_hooks` (torch 2.11–2.13), but
-a compiled block's autograd node saves its tensors through the hooks active around it.
+a compiled block's autograd node saves its tensors through the hooks active around it, so the packing runs
+eagerly on what the compiled graph keeps for backward.
 
-What is packed: floating tensors of at least `min_numel` elements that are not parameters or views of
-parameters (weights are resident anyway; FSDP2 manages the gathered ones). Compression also leaves out what
-the attention op saves — q, k, v, its output and the softmax statistics (logsumexp): backward recomputes the
-attention probabilities from them, and FP8 noise in q·k or the logsumexp would move exp(s − lse)
-multiplicatively. It compresses linear-layer inputs, the SwiGLU inputs, RMSNorm inputs and RoPE tables
-(COAT §5 quantises the inputs of linear and non-linear layers and keeps attention in high precision).
-Since attention's saved tensors cannot be told apart inside one compiled graph, compression requires
-eager blocks (`parallel.compile=false`, checked in `train/config.py`); offload works either way.
+What is packed: floating tensors of at least `min_numel` elements and two or more bytes per element that are
+not parameters or views of parameters (weights are resident anyway; FSDP2 manages the gathered ones; FP8
+tensors are already as small as compression would make them). Compression also leaves out what the attention
+op saves — q, k, v, its output and the softmax statistics (logsumexp): backward recomputes the attention
+probabilities from them, and FP8 noise in q·k or the logsumexp would move exp(s − lse) multiplicatively.
+It compresses linear-layer inputs, the SwiGLU inputs, RMSNorm inputs and RoPE tables (COAT §5 quantises the
+inputs of linear and non-linear layers and keeps attention in high precision).
+
+Attention is told apart by running it inside `exempt_from_compression`, a Python-side scope. Under
+torch.compile the attention call is therefore kept out of the graph (`torch._dynamo.disable`): a compiled
+block becomes two graphs (before and after attention, each fused by Inductor) with the attention op between
+them in eager mode, and the engine compiles blocks with `fullgraph=False` when compression is on.
 
 A tensor saved several times within a block (the normed input of q/k/v, of gate/up) is packed once.
 Composition with activation checkpointing: a checkpointed region's own hooks take precedence inside it, so
@@ -92,7 +97,12 @@ class SavedActivationHooks:
             self._exempt -= 1
 
     def _eligible(self, t: torch.Tensor) -> bool:
-        if not t.is_floating_point() or t.numel() < self.min_numel or isinstance(t, nn.Parameter):
+        if (
+            not t.is_floating_point()
+            or t.element_size() < 2
+            or t.numel() < self.min_numel
+            or isinstance(t, nn.Parameter)
+        ):
             return False
         base = t._base
         return not (base is not None and isinstance(base, nn.Parameter))
@@ -152,12 +162,15 @@ def install_block_hooks(blocks: nn.ModuleDict, hooks: SavedActivationHooks) -> N
 
 
 def _exempt_op(op: Callable[..., Any], hooks: SavedActivationHooks) -> Callable[..., Any]:
+    """`op` run with compression off for what it saves; kept out of compiled graphs, where the Python-side
+    scope would be traced away (see the module doc)."""
+
     @wraps(op)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with hooks.exempt_from_compression():
             return op(*args, **kwargs)
 
-    return wrapped
+    return torch._dynamo.disable(wrapped)
 
 
 def apply_activation_memory(

@@ -96,8 +96,10 @@ class NativeEngine:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)
         if self.cfg.compile:
-            # Ring attention's point-to-point sends break the graph, so blocks cannot be one graph under CP.
-            apply_compile(model, compile_loss=self.dims.tp == 1, fullgraph=self.dims.cp == 1)
+            # Ring attention's point-to-point sends break the graph, and so does activation compression's
+            # eager attention (memory/activations.py): blocks are then more than one graph.
+            one_graph = self.dims.cp == 1 and self.memory_cfg.activation_compression == "none"
+            apply_compile(model, compile_loss=self.dims.tp == 1, fullgraph=one_graph)
         self.activation_hooks = apply_activation_memory(model, self.memory_cfg, self.device)
         cpu_offload = self.memory_cfg.param_offload == "cpu"
         apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device, cpu_offload=cpu_offload)

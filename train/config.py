@@ -107,12 +107,6 @@ def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"styles are not wired up); fix: set fp8.backend=treadle, or parallel.tp=1",
     )
     _check(
-        cfg.memory.activation_compression == "none" or not cfg.parallel.compile,
-        "memory.activation_compression=fp8 needs eager blocks: inside one compiled graph attention's saved "
-        "tensors cannot be kept out of FP8; fix: set parallel.compile=false or "
-        "memory.activation_compression=none",
-    )
-    _check(
         cfg.memory.param_offload == "none" or cfg.parallel.engine == "native",
         f"memory.param_offload={cfg.memory.param_offload} is FSDP2's CPUOffloadPolicy, in the native engine "
         f"only; fix: set parallel.engine=native",
