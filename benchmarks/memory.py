@@ -14,8 +14,14 @@ Cases (`--cases`, comma list; each is one configuration of the same model, data 
     fp8_torchao / fp8_torchao_rowwise / fp8_torchao_eager
                             the same FP8 linears from torchao (`fp8.backend=torchao`, torchao==0.18.0):
                             torchao's tensorwise / rowwise recipe, FP8 all-gather on (tensorwise)
-    fp8_all                 FP8 linears + FP8 AdamW states (COAT §4) + FP8 activation compression (COAT §5),
-                            eager (compression needs eager blocks)
+    fp8_optim / fp8_act     bf16 + FP8 AdamW states (COAT §4) / + FP8 activation compression (COAT §5)
+    fp8_all                 FP8 linears + FP8 AdamW states + FP8 activation compression, compiled blocks
+                            (attention runs eagerly between two compiled graphs per block, memory/activations.py)
+    fp8_all_eager           the same with eager blocks (before 2026-11-23 the only form: lines named `fp8_all`
+                            with peer `bf16_eager` are this case)
+    bf16_fused_loss         bf16 + the chunked linear-cross-entropy loss kernel (no [tokens, vocab] logits)
+    fp8_all_fused_loss      fp8_all + the chunked loss; second peer bf16_fused_loss, so the loss kernel's share
+                            of the saving is on its own line
     offload                 bf16 + activation offload to pinned host memory
     param_offload           bf16 + FSDP2 CPUOffloadPolicy (optimizer on the CPU: slow by design)
 Each compiled case is compared with `bf16`, each eager case with `bf16_eager`: one JSON line per (case,
@@ -97,7 +103,9 @@ class Case:
     optim: str = "adamw"
     memory: dict = field(default_factory=dict)
     compile: bool = True
-    twin: str | None = None  # a second peer: the same case with the other FP8 backend
+    twin: str | None = (
+        None  # a second peer (the same case with the other FP8 backend, or without one feature)
+    )
     peer: str | None = None  # the BF16 case it is measured against (default: bf16, or bf16_eager if eager)
     kernels: dict = field(default_factory=dict)  # KernelsConfig overrides (e.g. the chunked linear-CE loss)
 
@@ -116,12 +124,18 @@ CASES = {
     ),
     "bf16_eager": Case(compile=False),
     "fp8_eager": Case(fp8="tensorwise", compile=False, twin="fp8_torchao_eager"),
-    "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False),
+    "fp8_optim": Case(optim="adamw_fp8"),
+    "fp8_act": Case(memory={"activation_compression": "fp8"}),
+    "fp8_all": Case(fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}),
+    "fp8_all_eager": Case(
+        fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False
+    ),
+    "bf16_fused_loss": Case(kernels={"loss": "triton"}),
     # Every memory feature at once: the FP8 trio plus the chunked linear + cross-entropy loss kernel, which
     # never materialises the [tokens, vocab] logits (6 GiB in fp32 + bf16 at 1B, mb 4 × 2048).
     "fp8_all_fused_loss": Case(
-        fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"}, compile=False,
-        kernels={"loss": "triton"},
+        fp8="tensorwise", optim="adamw_fp8", memory={"activation_compression": "fp8"},
+        kernels={"loss": "triton"}, twin="bf16_fused_loss",
     ),
     "offload": Case(memory={"activation_offload": True}),
     "param_offload": Case(memory={"param_offload": "cpu"}),
@@ -160,13 +174,30 @@ def _build(
     return model, engine, build_scheduler(optimizer, schedule, total_steps), loader
 
 
-def _step(model, engine, scheduler, loader) -> torch.Tensor:
+def _step(model, engine, scheduler, loader, phases: dict | None = None) -> torch.Tensor:
+    """One optimizer step; with `phases`, the peak allocated GiB of each phase (forward, backward, optimizer
+    step) and what stays allocated between steps, each peak measured from the phase's start."""
     (batch,) = loader.next_step()
     batch = batch.to(DEVICE, non_blocking=True)
+
+    def mark(name: str | None) -> None:
+        if phases is None:
+            return
+        _sync()
+        if name is not None:
+            phases[name] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+    if phases is not None:
+        phases["resting"] = torch.cuda.memory_allocated() / 2**30
+    mark(None)
     loss_sum, count = model(batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions)
     loss = loss_sum / count
+    mark("forward")
     engine.backward(loss)
+    mark("backward")
     engine.step()
+    mark("optimizer_step")
     scheduler.step()
     return loss.detach()
 
@@ -187,10 +218,15 @@ def run_case(model_cfg: ModelConfig, case: Case, batch: tuple[int, int], steps: 
     _sync()
     seconds = time.perf_counter() - start
     cuda = DEVICE.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    # One more step, untimed, split into phases: where the peak is.
+    phases: dict[str, float] | None = {} if cuda else None
+    _step(model, engine, scheduler, loader, phases)
     return {
         "tokens_per_s": steps * batch[0] * batch[1] / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_memory_gib": peak,
         "last_loss": float(losses[-1]),
+        "phase_peaks_gib": phases,
     }
 
 
@@ -209,6 +245,21 @@ def _free() -> None:
     torch._dynamo.reset()
 
 
+def _median_run(case_runs: list[dict | None]) -> dict | None:
+    """The run with the median tokens/s (the lower middle one of an even count), with every run's tokens/s;
+    None if any run ran out of memory."""
+    if any(r is None for r in case_runs):
+        return None
+    ordered = sorted(case_runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in case_runs]}
+
+
+def _detail(metric: str, result: dict, base: dict | None) -> dict:
+    """What a result line carries besides the figure: every run's tokens/s, or the per-phase peaks."""
+    key = "runs_tokens_per_s" if metric == "tokens_per_s" else "phase_peaks_gib"
+    return {key: result[key], f"peer_{key}": base[key] if base else None}
+
+
 def _common(steps: int) -> dict:
     return {
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
@@ -225,17 +276,22 @@ def bench(args: argparse.Namespace) -> list[dict]:
     for name in filter(None, args.models.split(",")):
         micro_batch, seq_len = BATCH[name]
         batch = (args.micro_batch or micro_batch, args.seq_len or seq_len)
-        results: dict[str, dict | None] = {}
-        for case_name in (args.cases or DEFAULT_CASES[name]).split(","):
-            if CASES[case_name].fp8_backend == "torchao" and not torchao_available():
-                print(f"# {name} {case_name}: skipped, {TORCHAO_MISSING}", flush=True)
-                continue
-            _free()
-            try:
-                results[case_name] = run_case(MODELS[name], CASES[case_name], batch, args.steps, args.warmup)
-            except torch.OutOfMemoryError:
-                results[case_name] = None
-            print(f"# {name} {case_name}: {json.dumps(results[case_name])}", flush=True)
+        runs: dict[str, list[dict | None]] = {}
+        # Repeats go round the whole case list (A B C A B C): a drift of the GPU's speed over the minutes of
+        # a run then touches every case alike instead of whichever case ran during it.
+        for _ in range(args.repeats):
+            for case_name in (args.cases or DEFAULT_CASES[name]).split(","):
+                if CASES[case_name].fp8_backend == "torchao" and not torchao_available():
+                    print(f"# {name} {case_name}: skipped, {TORCHAO_MISSING}", flush=True)
+                    continue
+                _free()
+                try:
+                    result = run_case(MODELS[name], CASES[case_name], batch, args.steps, args.warmup)
+                except torch.OutOfMemoryError:
+                    result = None
+                runs.setdefault(case_name, []).append(result)
+                print(f"# {name} {case_name}: {json.dumps(result)}", flush=True)
+        results = {case_name: _median_run(case_runs) for case_name, case_runs in runs.items()}
         for case_name, result in results.items():
             peer = CASES[case_name].peer or ("bf16" if CASES[case_name].compile else "bf16_eager")
             if peer == case_name or result is None:
@@ -256,6 +312,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
                             "ratio": result[metric] / peer_value if peer_value else None,
                             "higher_is_better": higher,
                             **_common(args.steps),
+                            **_detail(metric, result, base),
                         }
                     )
         lines += [
@@ -326,6 +383,9 @@ def main() -> None:
         "--micro-batch", type=int, default=None, help="sequences per step (default per model)"
     )
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per case, interleaved; tokens/s is the median run's"
+    )
     parser.add_argument("--curve-steps", type=int, default=300, help="0 skips the loss curves")
     parser.add_argument("--curve-lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here as well as stdout")
