@@ -9,18 +9,23 @@ per element at group 128, against 2 for bf16 and 4 for fp32).
 
 The error enters gradients only (the forward uses the exact activations): weight gradients average it over
 tokens, which is why it costs little accuracy (COAT §6 reports matching BF16 loss curves).
+
+The quantisation itself is kernels/fp8_groups.py: one Triton kernel each way on CUDA (one read of the
+tensor, no fp32 temporaries), the plain-PyTorch reference elsewhere; both give the same bits.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max
+from treadle.kernels import fp8_groups
+from treadle.kernels.fp8_groups import FP8_MAX
+
+FP8_DTYPE = fp8_groups.E4M3
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "CompressedTensor", "dequantize_groups", "quantize_groups"]
 
 
 @dataclass
@@ -36,18 +41,9 @@ class CompressedTensor:
 
 
 def quantize_groups(x: torch.Tensor, group_size: int) -> CompressedTensor:
-    num_cols = x.shape[-1]
-    # Rows narrower than a group (a head dim of 64 with groups of 128) are one group each, not padded.
-    group_size = min(group_size, num_cols)
-    num_groups = math.ceil(num_cols / group_size)
-    x_RC = x.detach().reshape(-1, num_cols).float()
-    x_RGc = F.pad(x_RC, (0, num_groups * group_size - num_cols)).view(x_RC.shape[0], num_groups, group_size)
-    scale = FP8_MAX / x_RGc.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    payload = (x_RGc * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(x_RC.shape[0], -1)
-    return CompressedTensor(payload, scale.reciprocal(), x.shape, x.dtype)
+    payload, inv_scale = fp8_groups.quantize_groups(x, group_size)
+    return CompressedTensor(payload, inv_scale, x.shape, x.dtype)
 
 
 def dequantize_groups(c: CompressedTensor) -> torch.Tensor:
-    rows, num_groups = c.inv_scale.shape[:2]
-    x_RGc = c.payload.view(rows, num_groups, -1).float() * c.inv_scale
-    return x_RGc.view(rows, -1)[:, : c.shape[-1]].reshape(c.shape).to(c.dtype)
+    return fp8_groups.dequantize_groups(c.payload, c.inv_scale, c.shape, c.dtype)
