@@ -14,27 +14,33 @@ Shard(0) row sharding never splits a group and every shard quantises exactly as 
 Under FSDP2 all three are DTensors on the parameter's mesh with its placements, so
 `torch.distributed.checkpoint.state_dict.get_state_dict` and DCP save them sharded and reshard them at another
 data-parallel size. No communication: every rank updates its own shard.
+
+The quantisation and the AdamW math live in `treadle.kernels.adamw_fp8`, next to the fused kernel that runs
+the FP8 step on CUDA (`fused`): one launch per parameter shard instead of dozens of aten kernels with fp32
+temporaries as large as the parameter.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-# Target the *normal* range of E4M3, [2^-6, 448]: an expanded group then keeps 3 mantissa bits on every
-# element (relative rounding error <= 2^-4), instead of reaching into the subnormals where the smallest
-# elements would keep 0-2 bits.
-FP8_MIN_NORMAL = torch.finfo(FP8_DTYPE).smallest_normal
-FP8_LOG_RANGE = math.log(FP8_MAX / FP8_MIN_NORMAL)
-# A group whose non-zeros all have one magnitude has range 1 and would get k = inf; any k >= 1 represents it
-# exactly (its elements map to ±448), so cap k where fp32 pow stays well-conditioned.
-MAX_EXPONENT = 16.0
+from treadle.kernels.adamw_fp8 import (
+    FP8_DTYPE,
+    AdamWStep,
+    Fp8Moment,
+    adamw_fp8_step_triton,
+    adamw_update_,
+    dequantize_fp8,
+    quantize_fp8,
+)
+
+__all__ = ["FP8_DTYPE", "STATE_DTYPES", "LowPrecisionAdamW", "dequantize_fp8", "quantize_fp8"]
 
 STATE_DTYPES = ("fp32", "bf16", "fp8")
 
@@ -62,50 +68,6 @@ def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
-def quantize_fp8(
-    x: torch.Tensor, group_size: int, dynamic_range_expansion: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group E4M3 quantisation along the last dim; returns (payload, scale, exponent).
-
-    With expansion (COAT §4.2) each group is normalised by its max |x|, raised to k = log(R_E4M3) / log(R_g)
-    (R = max/min of |x| over the non-zeros), which maps its smallest non-zero to E4M3's smallest normal and
-    its largest to 448; without it k = 1 (plain per-group absmax scaling, COAT's baseline).
-    """
-    *lead, num_cols = x.shape
-    num_groups = math.ceil(num_cols / group_size)
-    pad = num_groups * group_size - num_cols
-    x32 = torch.nn.functional.pad(x.float(), (0, pad)).view(*lead, num_groups, group_size)
-    mag = x32.abs()
-    scale = mag.amax(dim=-1)
-    if dynamic_range_expansion:
-        smallest = torch.where(mag > 0, mag, torch.inf).amin(dim=-1)
-        log_range = torch.log(scale / smallest)
-        exponent = torch.where(log_range > 0, FP8_LOG_RANGE / log_range, MAX_EXPONENT).clamp_(
-            max=MAX_EXPONENT
-        )
-        exponent = torch.where(scale > 0, exponent, 1.0)
-    else:
-        exponent = torch.ones_like(scale)
-    # Normalising to [0, 1] before the power keeps |x|^k inside fp32 for any k (|x| ~ 1e-12 and k = 16 would
-    # underflow otherwise).
-    y = mag / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
-    q = (y.pow(exponent.unsqueeze(-1)) * FP8_MAX).copysign(x32)
-    q = q.view(*lead, num_groups * group_size)[..., :num_cols].to(FP8_DTYPE)
-    return q, scale, exponent
-
-
-def dequantize_fp8(
-    q: torch.Tensor, scale: torch.Tensor, exponent: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """Inverse of `quantize_fp8`: sign(q) · scale · (|q| / 448)^(1/k), in fp32."""
-    *lead, num_cols = q.shape
-    num_groups = scale.shape[-1]
-    pad = num_groups * group_size - num_cols
-    q32 = torch.nn.functional.pad(q.float(), (0, pad)).view(*lead, num_groups, group_size)
-    y = (q32.abs() / FP8_MAX).pow(exponent.reciprocal().unsqueeze(-1)) * scale.unsqueeze(-1)
-    return y.copysign(q32).view(*lead, num_groups * group_size)[..., :num_cols]
-
-
 class LowPrecisionAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction as `torch.optim.AdamW`) with moments stored in
     `state_dtype`: "fp8" (COAT §4), "bf16", or "fp32".
@@ -114,6 +76,12 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
     and stores them back, so the rounding of the stored states is the only difference from fp32 AdamW.
     Parameters with fewer than 2 dims (norms, biases) or fewer than `group_size` elements keep fp32 moments:
     they are a negligible share of the memory and the most sensitive to rounding.
+
+    `fused`: run the FP8 step as one Triton kernel per parameter (`adamw_fp8_step_triton`, in place). None
+    picks it for fp32 CUDA parameters in eager mode; True forces it (on CPU tensors only under
+    TRITON_INTERPRET=1, which is how the tests run it); False keeps the plain-PyTorch step everywhere.
+    The step count lives on the host (`_host_steps`): `state["step"]` stays a CPU tensor for checkpoints, and
+    is read back once per parameter after a construction or a `load_state_dict`.
     """
 
     def __init__(
@@ -127,16 +95,22 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         state_dtype: str = "fp8",
         group_size: int = 128,
         dynamic_range_expansion: bool = True,
+        fused: bool | None = None,
     ) -> None:
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r} is not one of {STATE_DTYPES}")
         if group_size < 1:
             raise ValueError(f"optim.fp8_group_size={group_size} must be >= 1")
+        if fused and state_dtype != "fp8":
+            warnings.warn(f"fused=True has no effect with state_dtype={state_dtype!r}", stacklevel=2)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
         self.group_size = group_size
         self.dynamic_range_expansion = dynamic_range_expansion
+        # Not a param-group key: `Optimizer.load_state_dict` would then move `step` to the parameter's device.
+        self.fused = fused
+        self._host_steps: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if self._is_fp8(p) and isinstance(p, DTensor):
@@ -172,6 +146,41 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         state[f"{name}_scale"] = _like_param(scale, p)
         state[f"{name}_exponent"] = _like_param(exponent, p)
 
+    def _moment(self, state: dict[str, Any], name: str) -> Fp8Moment:
+        return Fp8Moment(*(_local(state[key]) for key in (name, f"{name}_scale", f"{name}_exponent")))
+
+    def _use_kernel(self, p: torch.Tensor) -> bool:
+        if not self._is_fp8(p):
+            return False
+        param = _local(p)
+        if self.fused is None:
+            return (
+                param.is_cuda
+                and param.dtype == torch.float32
+                and param.is_contiguous()
+                and not torch.compiler.is_compiling()
+            )
+        if self.fused and not param.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"LowPrecisionAdamW(fused=True) runs a Triton kernel, which needs CUDA tensors (got "
+                f"{param.device}) or TRITON_INTERPRET=1; pass fused=None to choose per parameter"
+            )
+        if self.fused and (param.dtype != torch.float32 or not param.is_contiguous()):
+            raise ValueError(
+                f"LowPrecisionAdamW(fused=True) needs contiguous fp32 parameters (the master weights), got "
+                f"{param.dtype} with strides {param.stride()}; pass fused=None to choose per parameter"
+            )
+        return self.fused
+
+    def _advance_step(self, p: torch.Tensor, state: dict[str, Any]) -> int:
+        """`state["step"] += 1` (a CPU tensor: no device sync), with the count itself kept as a Python int so
+        that the host scalars of the update need no `.item()` per parameter and step."""
+        state["step"] += 1
+        step = self._host_steps.get(p)
+        step = int(state["step"].item()) if step is None else step + 1
+        self._host_steps[p] = step
+        return step
+
     def _load(self, state: dict[str, Any], name: str, p: torch.Tensor) -> torch.Tensor:
         if self._is_fp8(p):
             return dequantize_fp8(
@@ -203,26 +212,39 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                state["step"] += 1
-                step = int(state["step"].item())
-                param, grad = _local(p), _local(p.grad).float()
-                exp_avg = self._load(state, "exp_avg", p).lerp_(grad, 1 - beta1)
-                exp_avg_sq = (
-                    self._load(state, "exp_avg_sq", p).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                use_kernel = self._use_kernel(p)
+                hp = AdamWStep(
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    step=self._advance_step(p, state),
                 )
+                param, grad = _local(p), _local(p.grad)
+                if use_kernel:
+                    adamw_fp8_step_triton(
+                        param,
+                        grad,
+                        self._moment(state, "exp_avg"),
+                        self._moment(state, "exp_avg_sq"),
+                        hp,
+                        self.group_size,
+                        self.dynamic_range_expansion,
+                    )
+                    continue
+                exp_avg = self._load(state, "exp_avg", p)
+                exp_avg_sq = self._load(state, "exp_avg_sq", p)
+                adamw_update_(param, grad.float(), exp_avg, exp_avg_sq, hp)
                 self._save(state, "exp_avg", exp_avg, p)
                 self._save(state, "exp_avg_sq", exp_avg_sq, p)
-                param.mul_(1 - lr * weight_decay)
-                bias_correction1 = 1 - beta1**step
-                bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """`Optimizer.load_state_dict` casts every floating state to the parameter's dtype (fp32); the casts
         from FP8/BF16 are exact, so casting back restores the stored states bit for bit."""
         super().load_state_dict(state_dict)
+        self._host_steps.clear()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
