@@ -10,6 +10,8 @@ Cases (`--cases`, comma list; each is one configuration of the same model, data 
     fp8 / fp8_rowwise       + FP8 linears in every block (parallel/fp8.py), tensorwise / rowwise scaling
     full_ac / selective_ac  bf16 + activation checkpointing
     fp8_full_ac             FP8 linears + full activation checkpointing
+    full_ac_eager / fp8_full_ac_eager
+                            the same two with eager blocks (is a memory difference the compiler's?)
     bf16_eager / fp8_eager  uncompiled blocks: the baseline of the cases that need eager blocks
     fp8_torchao / fp8_torchao_rowwise / fp8_torchao_eager
                             the same FP8 linears from torchao (`fp8.backend=torchao`, torchao==0.18.0):
@@ -121,6 +123,10 @@ CASES = {
     ),
     "fp8_torchao_full_ac": Case(
         fp8="tensorwise", fp8_backend="torchao", memory={"activation_checkpoint": "full"}, peer="full_ac"
+    ),
+    "full_ac_eager": Case(memory={"activation_checkpoint": "full"}, compile=False, peer="full_ac"),
+    "fp8_full_ac_eager": Case(
+        fp8="tensorwise", memory={"activation_checkpoint": "full"}, compile=False, peer="full_ac_eager"
     ),
     "bf16_eager": Case(compile=False),
     "fp8_eager": Case(fp8="tensorwise", compile=False, twin="fp8_torchao_eager"),

@@ -39,7 +39,12 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from treadle.kernels.fp8_cast import RECIPES, Float8MatmulFunction, fp8_matmul_supported
+from treadle.kernels.fp8_cast import (
+    RECIPES,
+    Float8MatmulFunction,
+    Float8MatmulGraphFunction,
+    fp8_matmul_supported,
+)
 from treadle.parallel.fp8_torchao import (
     TORCHAO_MISSING,
     convert_with_torchao,
@@ -102,7 +107,7 @@ class Float8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, DTensor):
             return self._forward_tensor_parallel(x)
-        y = Float8MatmulFunction.apply(x, self.weight, self.recipe, self.emulate)
+        y = Float8MatmulGraphFunction.apply(x, self.weight, self.recipe, self.emulate)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_tensor_parallel(self, x: DTensor) -> DTensor:
