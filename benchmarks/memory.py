@@ -10,6 +10,7 @@ Cases (`--cases`, comma list; each is one configuration of the same model, data 
     fp8 / fp8_rowwise       + FP8 linears in every block (parallel/fp8.py), tensorwise / rowwise scaling
     full_ac / selective_ac  bf16 + activation checkpointing
     fp8_full_ac             FP8 linears + full activation checkpointing
+    fp8_selective_ac        FP8 linears + selective activation checkpointing (matmul outputs kept)
     full_ac_eager / fp8_full_ac_eager
                             the same two with eager blocks (is a memory difference the compiler's?)
     bf16_eager / fp8_eager  uncompiled blocks: the baseline of the cases that need eager blocks
@@ -120,6 +121,9 @@ CASES = {
     "selective_ac": Case(memory={"activation_checkpoint": "selective"}),
     "fp8_full_ac": Case(
         fp8="tensorwise", memory={"activation_checkpoint": "full"}, peer="full_ac", twin="fp8_torchao_full_ac"
+    ),
+    "fp8_selective_ac": Case(
+        fp8="tensorwise", memory={"activation_checkpoint": "selective"}, peer="selective_ac"
     ),
     "fp8_torchao_full_ac": Case(
         fp8="tensorwise", fp8_backend="torchao", memory={"activation_checkpoint": "full"}, peer="full_ac"
