@@ -156,7 +156,13 @@ CASES = {
 
 
 def _build(
-    model_cfg: ModelConfig, case: Case, loader_cfg: tuple[int, int], total_steps: int, lr: float, seed: int
+    model_cfg: ModelConfig,
+    case: Case,
+    loader_cfg: tuple[int, int],
+    total_steps: int,
+    lr: float,
+    seed: int,
+    accum: int = 1,
 ):
     """(model, engine, scheduler, loader) for one case, without the Trainer (no Hydra)."""
     micro_batch, seq_len = loader_cfg
@@ -166,7 +172,7 @@ def _build(
     prepare_data(data_cfg)
     train_data, _ = build_datasets(data_cfg, vocab_size=model_cfg.vocab_size)
     loader = StepLoader(
-        train_data, global_batch_size=micro_batch, micro_batch_size=micro_batch, dp_rank=0, dp_size=1,
+        train_data, global_batch_size=micro_batch * accum, micro_batch_size=micro_batch, dp_rank=0, dp_size=1,
         seed=seed, shuffle=True,
     )  # fmt: skip
     with torch.device("meta"):
@@ -178,6 +184,7 @@ def _build(
         DEVICE,
         seed,
         Float8Config(enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise", backend=case.fp8_backend),
+        grad_accum=accum,
     )
     schedule = ScheduleConfig(name="cosine", warmup_steps=max(1, total_steps // 10))
     model, optimizer = engine.prepare(model, OptimConfig(name=case.optim, lr=lr, schedule=schedule))
@@ -185,10 +192,10 @@ def _build(
 
 
 def _step(model, engine, scheduler, loader, phases: dict | None = None) -> torch.Tensor:
-    """One optimizer step; with `phases`, the peak allocated GiB of each phase (forward, backward, optimizer
-    step) and what stays allocated between steps, each peak measured from the phase's start."""
-    (batch,) = loader.next_step()
-    batch = batch.to(DEVICE, non_blocking=True)
+    """One optimizer step over the loader's micro-batches; with `phases`, the peak allocated GiB of each phase
+    (forward and backward of the last micro-batch, optimizer step) and what stays allocated between steps, each
+    peak measured from the phase's start."""
+    micro_batches = loader.next_step()
 
     def mark(name: str | None) -> None:
         if phases is None:
@@ -200,12 +207,14 @@ def _step(model, engine, scheduler, loader, phases: dict | None = None) -> torch
 
     if phases is not None:
         phases["resting"] = torch.cuda.memory_allocated() / 2**30
-    mark(None)
-    loss_sum, count = model(batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions)
-    loss = loss_sum / count
-    mark("forward")
-    engine.backward(loss)
-    mark("backward")
+    for batch in micro_batches:
+        batch = batch.to(DEVICE, non_blocking=True)
+        mark(None)
+        loss_sum, count = model(batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions)
+        loss = loss_sum / count / len(micro_batches)
+        mark("forward")
+        engine.backward(loss)
+        mark("backward")
     engine.step()
     mark("optimizer_step")
     scheduler.step()
@@ -217,8 +226,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_case(model_cfg: ModelConfig, case: Case, batch: tuple[int, int], steps: int, warmup: int) -> dict:
-    model, engine, scheduler, loader = _build(model_cfg, case, batch, steps + warmup, lr=3e-4, seed=0)
+def run_case(
+    model_cfg: ModelConfig, case: Case, batch: tuple[int, int], steps: int, warmup: int, accum: int = 1
+) -> dict:
+    model, engine, scheduler, loader = _build(
+        model_cfg, case, batch, steps + warmup, lr=3e-4, seed=0, accum=accum
+    )
     losses = [_step(model, engine, scheduler, loader) for _ in range(warmup)]
     _sync()
     if DEVICE.type == "cuda":
@@ -233,7 +246,7 @@ def run_case(model_cfg: ModelConfig, case: Case, batch: tuple[int, int], steps: 
     phases: dict[str, float] | None = {} if cuda else None
     _step(model, engine, scheduler, loader, phases)
     return {
-        "tokens_per_s": steps * batch[0] * batch[1] / seconds,
+        "tokens_per_s": steps * accum * batch[0] * batch[1] / seconds,
         "peak_memory_gib": peak,
         "last_loss": float(losses[-1]),
         "phase_peaks_gib": phases,
@@ -286,6 +299,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
     for name in filter(None, args.models.split(",")):
         micro_batch, seq_len = BATCH[name]
         batch = (args.micro_batch or micro_batch, args.seq_len or seq_len)
+        accum_tag = f"x{args.accum}" if args.accum > 1 else ""
         runs: dict[str, list[dict | None]] = {}
         # Repeats go round the whole case list (A B C A B C): a drift of the GPU's speed over the minutes of
         # a run then touches every case alike instead of whichever case ran during it.
@@ -296,7 +310,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
                     continue
                 _free()
                 try:
-                    result = run_case(MODELS[name], CASES[case_name], batch, args.steps, args.warmup)
+                    result = run_case(
+                        MODELS[name], CASES[case_name], batch, args.steps, args.warmup, args.accum
+                    )
                 except torch.OutOfMemoryError:
                     result = None
                 runs.setdefault(case_name, []).append(result)
@@ -314,7 +330,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
                     lines.append(
                         {
                             "bench": "memory",
-                            "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{case_name}",
+                            "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}{accum_tag}_{case_name}",
                             "metric": metric,
                             "value": result[metric],
                             "peer": peer_name if base else None,
@@ -326,7 +342,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
                         }
                     )
         lines += [
-            {"bench": "memory", "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}_{c}", "metric": "oom",
+            {"bench": "memory", "case": f"llama3_{name}_S{batch[1]}_mb{batch[0]}{accum_tag}_{c}", "metric": "oom",
              "value": True, **_common(args.steps)}
             for c, r in results.items() if r is None
         ]  # fmt: skip
@@ -393,6 +409,9 @@ def main() -> None:
         "--micro-batch", type=int, default=None, help="sequences per step (default per model)"
     )
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument(
+        "--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per case, interleaved; tokens/s is the median run's"
     )
