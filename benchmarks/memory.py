@@ -4,6 +4,10 @@
     python benchmarks/memory.py --models 3b --curve-steps 0 --out benchmarks/results/memory.jsonl --append
     python benchmarks/memory.py --plot benchmarks/results/memory.jsonl --png benchmarks/results/memory_loss.png
     python benchmarks/memory.py --models 1b,3b --cases bf16,fp8,fp8_torchao --curve-steps 0   # the FP8 backends
+    python benchmarks/memory.py --models 3b --micro-batch 8 --accum 2 --cases full_ac,fp8_full_ac --repeats 2 \
+        --curve-steps 0                                                         # the 3B FP8 speed figure
+    python benchmarks/memory.py --models 1b --cases bf16,fp8_all,fp8_all_fused_loss,bf16_fused_loss --repeats 2 \
+        --curve-steps 0                                                         # the memory figure
 
 Cases (`--cases`, comma list; each is one configuration of the same model, data and batch):
     bf16                    FSDP2 bf16 compute, fp32 master weights, compiled blocks (the recipe's baseline)
