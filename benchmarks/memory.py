@@ -41,8 +41,9 @@ torchao/float8/_inductor_patch.py), so torchao cases run after the others in the
 case is skipped with a note where torchao is not installed.
 
 Loss curves: `--curve-steps` steps (300 by default) of a ~100M-parameter Llama (dim 1024, 8 layers) on the
-embedded stdlib corpus, BF16 and FP8 (tensorwise) from the same initialisation and batches; the per-step
-losses go into the JSONL (`losses`) and `--plot` turns them into a PNG where matplotlib is installed.
+embedded stdlib corpus, BF16 and each case of `--curve-cases` (default `fp8`: FP8 linears, tensorwise; `fp8_all`
+is the whole FP8 set) from the same initialisation and batches; the per-step losses go into the JSONL
+(`losses`) and `--plot` turns them into a PNG where matplotlib is installed.
 
 Needs no Hydra: configs are built from the dataclasses directly. Model shapes mirror configs/model/*.yaml.
 """
@@ -352,26 +353,28 @@ def bench(args: argparse.Namespace) -> list[dict]:
         ]  # fmt: skip
     if args.curve_steps:
         curves = {}
-        for case_name, case in (("bf16", Case()), ("fp8", Case(fp8="tensorwise"))):
+        for case_name in ["bf16", *args.curve_cases.split(",")]:
             _free()
-            curves[case_name] = run_curve(args.curve_model, case, args.curve_steps, args.curve_lr)
+            curves[case_name] = run_curve(args.curve_model, CASES[case_name], args.curve_steps, args.curve_lr)
         tail = max(1, args.curve_steps // 10)
         final = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
-        lines.append(
-            {
-                "bench": "memory",
-                "case": f"loss_curve_{args.curve_model}_{args.curve_steps}steps_fp8_tensorwise",
-                "metric": f"mean_loss_last_{tail}_steps",
-                "value": final["fp8"],
-                "peer": "bf16",
-                "peer_value": final["bf16"],
-                "ratio": final["fp8"] / final["bf16"],
-                "higher_is_better": False,
-                "losses": curves["fp8"],
-                "peer_losses": curves["bf16"],
-                **_common(args.curve_steps),
-            }
-        )
+        for case_name in args.curve_cases.split(","):
+            label = "fp8_tensorwise" if case_name == "fp8" else case_name
+            lines.append(
+                {
+                    "bench": "memory",
+                    "case": f"loss_curve_{args.curve_model}_{args.curve_steps}steps_{label}",
+                    "metric": f"mean_loss_last_{tail}_steps",
+                    "value": final[case_name],
+                    "peer": "bf16",
+                    "peer_value": final["bf16"],
+                    "ratio": final[case_name] / final["bf16"],
+                    "higher_is_better": False,
+                    "losses": curves[case_name],
+                    "peer_losses": curves["bf16"],
+                    **_common(args.curve_steps),
+                }
+            )
     return lines
 
 
@@ -386,9 +389,9 @@ def plot(jsonl: Path, png: Path) -> None:
     if not curves:
         raise SystemExit(f"{jsonl} holds no loss curve (a line with 'losses')")
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(curves[0]["peer_losses"], label=curves[0]["peer"], linewidth=1)
     for line in curves:
-        ax.plot(line["peer_losses"], label=line["peer"], linewidth=1)
-        ax.plot(line["losses"], label="fp8 (tensorwise)", linewidth=1)
+        ax.plot(line["losses"], label=line["case"].split("steps_", 1)[1], linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(f"{curves[0]['case']} on {curves[0]['device']}")
@@ -421,6 +424,9 @@ def main() -> None:
     )
     parser.add_argument("--curve-steps", type=int, default=300, help="0 skips the loss curves")
     parser.add_argument("--curve-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--curve-cases", default="fp8", help="comma list of cases whose loss curves run against bf16's"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here as well as stdout")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--plot", type=Path, default=None, help="make a PNG of the loss curves in this JSONL")
