@@ -394,7 +394,7 @@ def plot(jsonl: Path, png: Path) -> None:
         ax.plot(line["losses"], label=line["case"].split("steps_", 1)[1], linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"{curves[0]['case']} on {curves[0]['device']}")
+    ax.set_title(f"{curves[0]['case'].split('steps_', 1)[0]}steps, on {curves[0]['device']}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
