@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.kernels.fp8_cast import _encode_fp8, _interpreting
+from treadle.kernels.fp8_cast import E4M3, _encode_fp8, _interpreting
 
 __all__ = [
     "FP8_DTYPE",
@@ -54,7 +54,7 @@ __all__ = [
     "quantize_fp8",
 ]
 
-FP8_DTYPE = torch.float8_e4m3fn
+FP8_DTYPE = E4M3
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # Target the *normal* range of E4M3, [2^-6, 448]: an expanded group then keeps 3 mantissa bits on every
 # element (relative rounding error <= 2^-4), instead of reaching into the subnormals where the smallest

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from treadle.kernels.fp8_cast import AMAX_EPS, E4M3, _encode_fp8, _interpreting
+from treadle.kernels.fp8_cast import AMAX_EPS, E4M3, _encode_fp8, _interpreting, _traced
 
 __all__ = [
     "E4M3",
@@ -277,7 +277,7 @@ def dequantize_groups_triton(
 def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel on CUDA in eager mode; the reference elsewhere (Inductor fuses the reference's ops
     itself, where a Triton launch would be opaque to it)."""
-    if x.is_cuda and not torch.compiler.is_compiling():
+    if x.is_cuda and not _traced(x):
         return quantize_groups_triton(x, group_size)
     return quantize_groups_reference(x, group_size)
 
@@ -286,6 +286,6 @@ def dequantize_groups(
     payload: torch.Tensor, inv_scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype
 ) -> torch.Tensor:
     """The Triton kernel on CUDA in eager mode; the reference elsewhere."""
-    if payload.is_cuda and not torch.compiler.is_compiling():
+    if payload.is_cuda and not _traced(payload):
         return dequantize_groups_triton(payload, inv_scale, shape, dtype)
     return dequantize_groups_reference(payload, inv_scale, shape, dtype)

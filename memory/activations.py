@@ -8,13 +8,13 @@ and the hooks sit outside a compiled block: Dynamo cannot trace `saved_tensors_h
 a compiled block's autograd node saves its tensors through the hooks active around it, so the packing runs
 eagerly on what the compiled graph keeps for backward.
 
-What is packed: floating tensors of at least `min_numel` elements and two or more bytes per element that are
-not parameters or views of parameters (weights are resident anyway; FSDP2 manages the gathered ones; FP8
-tensors are already as small as compression would make them). Compression also leaves out what the attention
-op saves — q, k, v, its output and the softmax statistics (logsumexp): backward recomputes the attention
-probabilities from them, and FP8 noise in q·k or the logsumexp would move exp(s − lse) multiplicatively.
-It compresses linear-layer inputs, the SwiGLU inputs, RMSNorm inputs and RoPE tables (COAT §5 quantises the
-inputs of linear and non-linear layers and keeps attention in high precision).
+What is packed: floating tensors of at least `min_numel` elements that are not parameters or views of
+parameters (weights are resident anyway; FSDP2 manages the gathered ones). Compression leaves out FP8
+tensors, already as small as it would make them, and what the attention op saves — q, k, v, its output and
+the softmax statistics (logsumexp): backward recomputes the attention probabilities from them, and FP8 noise
+in q·k or the logsumexp would move exp(s − lse) multiplicatively. It compresses linear-layer inputs, the
+SwiGLU inputs, RMSNorm inputs and RoPE tables (COAT §5 quantises the inputs of linear and non-linear layers
+and keeps attention in high precision).
 
 Attention is told apart by running it inside `exempt_from_compression`, a Python-side scope. Under
 torch.compile the attention call is therefore kept out of the graph (`torch._dynamo.disable`): a compiled
@@ -97,12 +97,7 @@ class SavedActivationHooks:
             self._exempt -= 1
 
     def _eligible(self, t: torch.Tensor) -> bool:
-        if (
-            not t.is_floating_point()
-            or t.element_size() < 2
-            or t.numel() < self.min_numel
-            or isinstance(t, nn.Parameter)
-        ):
+        if not t.is_floating_point() or t.numel() < self.min_numel or isinstance(t, nn.Parameter):
             return False
         base = t._base
         return not (base is not None and isinstance(base, nn.Parameter))
@@ -118,7 +113,8 @@ class SavedActivationHooks:
             return hit[1]
         nbytes = t.numel() * t.element_size()
         packed: Any = t
-        if self.compress and not self._exempt:
+        # FP8 tensors are already as small as compression would make them.
+        if self.compress and not self._exempt and t.element_size() > 1:
             packed = quantize_groups(t, self.group_size)
         if self.offload and (t.is_cuda or self.host_copy):
             if isinstance(packed, CompressedTensor):

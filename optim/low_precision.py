@@ -68,6 +68,12 @@ def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _advance_step(state: dict[str, Any]) -> int:
+    """`state["step"] += 1` on its CPU tensor; the new count."""
+    state["step"] += 1
+    return int(state["step"].item())
+
+
 class LowPrecisionAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction as `torch.optim.AdamW`) with moments stored in
     `state_dtype`: "fp8" (COAT §4), "bf16", or "fp32".
@@ -80,8 +86,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
     `fused`: run the FP8 step as one Triton kernel per parameter (`adamw_fp8_step_triton`, in place). None
     picks it for fp32 CUDA parameters in eager mode; True forces it (on CPU tensors only under
     TRITON_INTERPRET=1, which is how the tests run it); False keeps the plain-PyTorch step everywhere.
-    The step count lives on the host (`_host_steps`): `state["step"]` stays a CPU tensor for checkpoints, and
-    is read back once per parameter after a construction or a `load_state_dict`.
+    `state["step"]` is a CPU tensor (as in checkpoints), so reading the count for the host scalars of the
+    update costs no device sync.
     """
 
     def __init__(
@@ -110,7 +116,6 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         self.dynamic_range_expansion = dynamic_range_expansion
         # Not a param-group key: `Optimizer.load_state_dict` would then move `step` to the parameter's device.
         self.fused = fused
-        self._host_steps: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if self._is_fp8(p) and isinstance(p, DTensor):
@@ -172,23 +177,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             )
         return self.fused
 
-    def _advance_step(self, p: torch.Tensor, state: dict[str, Any]) -> int:
-        """`state["step"] += 1` (a CPU tensor: no device sync), with the count itself kept as a Python int so
-        that the host scalars of the update need no `.item()` per parameter and step."""
-        state["step"] += 1
-        step = self._host_steps.get(p)
-        step = int(state["step"].item()) if step is None else step + 1
-        self._host_steps[p] = step
-        return step
-
     def _load(self, state: dict[str, Any], name: str, p: torch.Tensor) -> torch.Tensor:
         if self._is_fp8(p):
-            return dequantize_fp8(
-                _local(state[name]),
-                _local(state[f"{name}_scale"]),
-                _local(state[f"{name}_exponent"]),
-                self.group_size,
-            )
+            return dequantize_fp8(*self._moment(state, name), self.group_size)
         return _local(state[name]).float()
 
     def _save(self, state: dict[str, Any], name: str, value: torch.Tensor, p: torch.Tensor) -> None:
@@ -219,7 +210,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     beta2=beta2,
                     eps=eps,
                     weight_decay=weight_decay,
-                    step=self._advance_step(p, state),
+                    step=_advance_step(state),
                 )
                 param, grad = _local(p), _local(p.grad)
                 if use_kernel:
@@ -244,7 +235,6 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         """`Optimizer.load_state_dict` casts every floating state to the parameter's dtype (fp32); the casts
         from FP8/BF16 are exact, so casting back restores the stored states bit for bit."""
         super().load_state_dict(state_dict)
-        self._host_steps.clear()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)

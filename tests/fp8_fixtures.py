@@ -16,6 +16,16 @@ CFG = ModelConfig(
     max_seq_len=64,
     tie_embeddings=False,
 )
+# The linears of one block, all converted by the default FP8 filter.
+BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

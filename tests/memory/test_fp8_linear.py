@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from fp8_fixtures import CFG, CPU, rel_error
+from fp8_fixtures import BLOCK_LINEARS, CFG, CPU, rel_error
 
 from treadle.kernels.fp8_cast import fp8_linear_reference
 from treadle.models.llama import Llama
@@ -55,19 +55,7 @@ def test_linear_matches_fp8_reference_and_fp32(recipe: str) -> None:
 def test_filter_selects_block_linears_and_never_the_output_layer() -> None:
     model = Llama(CFG)
     converted = _convert(model)
-    expected = {
-        f"layers.{i}.{name}"
-        for i in range(CFG.num_layers)
-        for name in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        )
-    }
+    expected = {f"layers.{i}.{name}" for i in range(CFG.num_layers) for name in BLOCK_LINEARS}
     assert set(converted) == expected
     assert type(model.lm_head) is nn.Linear
     assert all(isinstance(model.get_submodule(fqn), Float8Linear) for fqn in expected)

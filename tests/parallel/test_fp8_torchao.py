@@ -21,22 +21,13 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from fp8_fixtures import CFG, CPU, rel_error
+from fp8_fixtures import BLOCK_LINEARS, CFG, CPU, rel_error
 
 from treadle.models.llama import Llama
 from treadle.parallel import fp8 as fp8_plan
 from treadle.parallel.fp8 import Float8Config, Float8Linear, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fp8_torchao import TORCHAO_MISSING, precompute_weight_scales, torchao_available
 
-BLOCK_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 needs_torchao = pytest.mark.skipif(not torchao_available(), reason="torchao is not installed")
 
 
