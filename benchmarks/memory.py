@@ -11,6 +11,7 @@
 
 Cases (`--cases`, comma list; each is one configuration of the same model, data and batch):
     bf16                    FSDP2 bf16 compute, fp32 master weights, compiled blocks (the recipe's baseline)
+    bf16_rerun              bf16 once more (a curve case: the baseline's own run-to-run spread)
     fp8 / fp8_rowwise       + FP8 linears in every block (parallel/fp8.py), tensorwise / rowwise scaling
     full_ac / selective_ac  bf16 + activation checkpointing
     fp8_full_ac             FP8 linears + full activation checkpointing
@@ -43,7 +44,13 @@ case is skipped with a note where torchao is not installed.
 Loss curves: `--curve-steps` steps (300 by default) of a ~100M-parameter Llama (dim 1024, 8 layers) on the
 embedded stdlib corpus, BF16 and each case of `--curve-cases` (default `fp8`: FP8 linears, tensorwise; `fp8_all`
 is the whole FP8 set) from the same initialisation and batches; the per-step losses go into the JSONL
-(`losses`) and `--plot` turns them into a PNG where matplotlib is installed.
+(`losses`) and `--plot` turns them into a PNG where matplotlib is installed. `--curve-seeds 0,1,2` repeats
+every curve per seed (initialisation and batch order) and compares the means over seeds; the case `bf16_rerun`
+measures how far two runs of the baseline itself land apart:
+    python benchmarks/memory.py --models "" --curve-cases bf16_rerun,fp8,fp8_all --curve-seeds 0,1,2 \
+        --curve-log curves.jsonl
+    python benchmarks/memory.py --curve-combine a.jsonl,b.jsonl --out benchmarks/results/memory.jsonl --append
+The second form summarises the curve logs of several invocations (more seeds than one call's time allows).
 
 Needs no Hydra: configs are built from the dataclasses directly. Model shapes mirror configs/model/*.yaml.
 """
@@ -120,6 +127,9 @@ class Case:
 
 CASES = {
     "bf16": Case(),
+    # bf16 again, as a curve case: its ratio to bf16 is the run-to-run spread of the baseline itself (the GPU's
+    # non-deterministic reductions), the floor under every other case's ratio.
+    "bf16_rerun": Case(),
     "fp8": Case(fp8="tensorwise", twin="fp8_torchao"),
     "fp8_rowwise": Case(fp8="rowwise", twin="fp8_torchao_rowwise"),
     "full_ac": Case(memory={"activation_checkpoint": "full"}),
@@ -258,9 +268,9 @@ def run_case(
     }
 
 
-def run_curve(model_name: str, case: Case, steps: int, lr: float) -> list[float]:
+def run_curve(model_name: str, case: Case, steps: int, lr: float, seed: int) -> list[float]:
     model, engine, scheduler, loader = _build(
-        MODELS[model_name], case, BATCH[model_name], steps, lr=lr, seed=0
+        MODELS[model_name], case, BATCH[model_name], steps, lr=lr, seed=seed
     )
     losses = [_step(model, engine, scheduler, loader) for _ in range(steps)]
     return [float(x) for x in torch.stack(losses).cpu()]
@@ -352,33 +362,98 @@ def bench(args: argparse.Namespace) -> list[dict]:
             for c, r in results.items() if r is None
         ]  # fmt: skip
     if args.curve_steps:
-        curves = {}
-        for case_name in ["bf16", *args.curve_cases.split(",")]:
-            _free()
-            curves[case_name] = run_curve(args.curve_model, CASES[case_name], args.curve_steps, args.curve_lr)
-        tail = max(1, args.curve_steps // 10)
-        final = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
-        for case_name in args.curve_cases.split(","):
-            label = "fp8_tensorwise" if case_name == "fp8" else case_name
-            lines.append(
-                {
-                    "bench": "memory",
-                    "case": f"loss_curve_{args.curve_model}_{args.curve_steps}steps_{label}",
-                    "metric": f"mean_loss_last_{tail}_steps",
-                    "value": final[case_name],
-                    "peer": "bf16",
-                    "peer_value": final["bf16"],
-                    "ratio": final[case_name] / final["bf16"],
-                    "higher_is_better": False,
-                    "losses": curves[case_name],
-                    "peer_losses": curves["bf16"],
-                    **_common(args.curve_steps),
-                }
-            )
+        lines += curve_lines(args)
     return lines
 
 
+def curve_lines(args: argparse.Namespace) -> list[dict]:
+    """Loss curves of bf16 and each `--curve-cases` case, for every seed of `--curve-seeds` (a seed sets the
+    initialisation and the batch order, the same for every case of that seed); each curve is appended to
+    `--curve-log` as it finishes. Lines as `summarise_curves` makes them."""
+    records = []
+    for seed in (int(s) for s in args.curve_seeds.split(",")):
+        for case_name in ["bf16", *args.curve_cases.split(",")]:
+            _free()
+            start = time.perf_counter()
+            losses = run_curve(args.curve_model, CASES[case_name], args.curve_steps, args.curve_lr, seed)
+            record = {"model": args.curve_model, "seed": seed, "case": case_name, "lr": args.curve_lr,
+                      "seconds": round(time.perf_counter() - start, 1), **_common(args.curve_steps)}  # fmt: skip
+            print(f"# curve {json.dumps(record)}", flush=True)
+            records.append({**record, "losses": losses})
+            if args.curve_log:
+                with args.curve_log.open("a") as f:
+                    f.write(json.dumps(records[-1]) + "\n")
+    return summarise_curves(records)
+
+
+def summarise_curves(records: list[dict]) -> list[dict]:
+    """One line per case other than bf16: the mean over seeds of the last tenth's mean loss, against bf16's over
+    the same seeds; each seed's ratio with their mean and standard error (two bf16 runs of one seed land about
+    1% apart, so one seed's ratio says little: see `bf16_rerun`); the first seed's curves (`losses`,
+    `peer_losses`) and every seed's (`seed_losses`, `peer_seed_losses`)."""
+    by_case: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_case.setdefault(r["case"], {})[r["seed"]] = r
+    base = by_case.get("bf16", {})
+    lines = []
+    for case_name, runs in by_case.items():
+        seeds = sorted(set(runs) & set(base))
+        if case_name == "bf16" or not seeds:
+            continue
+        first = runs[seeds[0]]
+        steps = len(first["losses"])
+        tail = max(1, steps // 10)
+        final = [sum(runs[s]["losses"][-tail:]) / tail for s in seeds]
+        peer = [sum(base[s]["losses"][-tail:]) / tail for s in seeds]
+        ratios = [a / b for a, b in zip(final, peer, strict=True)]
+        mean_ratio = sum(ratios) / len(ratios)
+        spread = (
+            (sum((r - mean_ratio) ** 2 for r in ratios) / (len(ratios) - 1)) ** 0.5
+            if len(ratios) > 1
+            else None
+        )
+        label = "fp8_tensorwise" if case_name == "fp8" else case_name
+        lines.append(
+            {
+                "bench": "memory",
+                "case": f"loss_curve_{first['model']}_{steps}steps_{label}",
+                "metric": f"mean_loss_last_{tail}_steps" + (f"_over_{len(seeds)}_seeds" if len(seeds) > 1 else ""),
+                "value": sum(final) / len(seeds),
+                "peer": "bf16",
+                "peer_value": sum(peer) / len(seeds),
+                "ratio": sum(final) / sum(peer),
+                "higher_is_better": False,
+                "seeds": seeds,
+                "seed_ratios": ratios,
+                "seed_ratios_mean": mean_ratio,
+                "seed_ratios_standard_error": spread / len(ratios) ** 0.5 if spread is not None else None,
+                "lr": first.get("lr"),
+                "losses": first["losses"],
+                "peer_losses": base[seeds[0]]["losses"],
+                **({"seed_losses": [runs[s]["losses"] for s in seeds],
+                    "peer_seed_losses": [base[s]["losses"] for s in seeds]} if len(seeds) > 1 else {}),
+                **{k: first[k] for k in ("device", "torch", "triton", "date", "world_size")},
+                "steps": steps,
+            }
+        )  # fmt: skip
+    return lines
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average (per-batch losses of this corpus swing by ±0.3 nats from step to step)."""
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1)
+        for i in range(len(values))
+    ]
+
+
+def _seed_mean(curves: list[list[float]]) -> list[float]:
+    return [sum(step) / len(step) for step in zip(*curves, strict=True)]
+
+
 def plot(jsonl: Path, png: Path) -> None:
+    """Loss curves of the JSONL's curve lines. Where some lines ran several seeds, only those: left, each case's
+    curve averaged over its seeds (10-step moving average); right, each seed's final-loss ratio to bf16."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,13 +463,44 @@ def plot(jsonl: Path, png: Path) -> None:
     curves = [line for line in lines if "losses" in line]
     if not curves:
         raise SystemExit(f"{jsonl} holds no loss curve (a line with 'losses')")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(curves[0]["peer_losses"], label=curves[0]["peer"], linewidth=1)
-    for line in curves:
-        ax.plot(line["losses"], label=line["case"].split("steps_", 1)[1], linewidth=1)
+    seeded = [line for line in curves if "seed_losses" in line]
+    title = f"{curves[0]['case'].split('steps_', 1)[0]}steps, on {curves[0]['device']}"
+    if not seeded:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(curves[0]["peer_losses"], label=curves[0]["peer"], linewidth=1)
+        for line in curves:
+            ax.plot(line["losses"], label=line["case"].split("steps_", 1)[1], linewidth=1)
+    else:
+        fig, (ax, spread) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+        widest = max(seeded, key=lambda line: len(line["seeds"]))
+        ax.plot(
+            _smooth(_seed_mean(widest["peer_seed_losses"])),
+            label=f"bf16 ({len(widest['seeds'])} seeds)",
+            linewidth=1,
+        )
+        for i, line in enumerate(seeded):
+            name = line["case"].split("steps_", 1)[1]
+            ax.plot(
+                _smooth(_seed_mean(line["seed_losses"])),
+                label=f"{name} ({len(line['seeds'])} seeds)",
+                linewidth=1,
+            )
+            spread.scatter(
+                [i] * len(line["seed_ratios"]), line["seed_ratios"], s=12, alpha=0.6, color=f"C{i + 1}"
+            )
+            se = line["seed_ratios_standard_error"] or 0.0
+            spread.errorbar([i + 0.15], [line["seed_ratios_mean"]], yerr=[se], fmt="k_", capsize=3)
+        spread.axhline(1.0, color="grey", linewidth=0.8)
+        spread.set_xticks(
+            range(len(seeded)), [line["case"].split("steps_", 1)[1] for line in seeded], rotation=20
+        )
+        spread.set_ylabel("final loss / bf16's (each seed; mean ± s.e.)")
+        spread.grid(alpha=0.3)
+        ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+        title = f"{title}; mean over seeds"
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"{curves[0]['case'].split('steps_', 1)[0]}steps, on {curves[0]['device']}")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -427,6 +533,17 @@ def main() -> None:
     parser.add_argument(
         "--curve-cases", default="fp8", help="comma list of cases whose loss curves run against bf16's"
     )
+    parser.add_argument(
+        "--curve-seeds", default="0", help="comma list of seeds; every case runs once per seed, bf16 too"
+    )
+    parser.add_argument(
+        "--curve-log", type=Path, default=None, help="append each curve here as it finishes (JSON lines)"
+    )
+    parser.add_argument(
+        "--curve-combine",
+        default=None,
+        help="comma list of --curve-log files (of several invocations): print their lines instead of running",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here as well as stdout")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--plot", type=Path, default=None, help="make a PNG of the loss curves in this JSONL")
@@ -436,6 +553,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot:
         plot(args.plot, args.png)
+        return
+    if args.curve_combine:
+        records = [json.loads(line) for p in args.curve_combine.split(",") for line in Path(p).read_text().splitlines() if line.strip()]  # fmt: skip
+        emit(summarise_curves(records), args.out, append=args.append)
         return
     global DEVICE
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
