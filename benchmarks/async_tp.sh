@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
-# Async TP vs plain TP on 2 GPUs, 1B recipe, seq 4096, compiled blocks, TP=2 + SP: each variant of $VARIANTS
-# runs plain and async TP in the same invocation (one global batch of $MB sequences), with the profiler's
-# exposed communication and per-kernel breakdown. Variants:
+# TP communication overlap on 2 GPUs, 1B recipe, seq 4096, compiled blocks, TP=2: each variant of $VARIANTS
+# runs its modes in the same invocation (one global batch of $MB sequences), with the profiler's exposed
+# communication and per-kernel breakdown, every mode against plain TP + SP. Modes:
+#   plain          TP + sequence parallelism, no overlap (the baseline)
+#   async          + torch's micro-pipelined async TP (parallel.async_tp, symmetric memory)
+#   no_sp          TP without sequence parallelism (all-reduces instead of all-gather/reduce-scatter pairs)
+#   no_sp_reorder  no_sp + Inductor's compute/communication reordering (what batch_overlap turns on)
+#   batch_overlap  no_sp + each block's batch in two halves interleaved (parallel.tp_batch_overlap)
+# Variants (modes "plain async" unless noted):
 #   base      the recipe as is
 #   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap)
 #   mb8       micro-batch 8 instead of 4 (larger GEMM chunks for the micro-pipeline)
-# Writes $OUT/summary_<variant>.jsonl (raw records) and $OUT/async_tp.jsonl (async against plain TP, per
+#   overlap   modes "plain async no_sp batch_overlap"
+#   overlap_mb8  the same at micro-batch 8 (batch_overlap's GEMMs then run on 4 sequences, as plain's at mb 4)
+# $MODES, where set, replaces every variant's mode list (plain must stay in it: it is the baseline).
+# Writes $OUT/summary_<variant>.jsonl (raw records) and $OUT/async_tp.jsonl (each mode against plain TP, per
 # variant, through step.py --combine).
-#   OUT=/tmp/atp VARIANTS="base reorder" bash benchmarks/async_tp.sh
+#   OUT=/tmp/atp VARIANTS="base overlap" bash benchmarks/async_tp.sh
 set -u
 OUT=${OUT:-/tmp/treadle_async_tp}
 mkdir -p "$OUT"
 for variant in ${VARIANTS:-base reorder mb8}; do
   summary=$OUT/summary_$variant.jsonl
   rm -f "$summary"
-  mb=4 extra=()
+  mb=4 extra=() modes="plain async"
   case $variant in
     reorder) extra=(--inductor reorder_for_compute_comm_overlap=True) ;;
     mb8) mb=8 ;;
+    overlap) modes="plain async no_sp batch_overlap" ;;
+    overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
-  for mode in plain async; do
-    async=$([ $mode = async ] && echo true || echo false)
+  for mode in ${MODES:-$modes}; do
+    case $mode in
+      plain) flags=(parallel.async_tp=false) ;;
+      async) flags=(parallel.async_tp=true) ;;
+      no_sp) flags=(parallel.sequence_parallel=false) ;;
+      no_sp_reorder) flags=(--inductor reorder_for_compute_comm_overlap=True parallel.sequence_parallel=false) ;;
+      batch_overlap) flags=(parallel.sequence_parallel=false parallel.tp_batch_overlap=true) ;;
+    esac
     timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
-      "${extra[@]}" parallel.tp=2 parallel.dp_shard=1 parallel.async_tp=$async \
+      "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3
   done
   grep -q "\"tp2_plain_$variant\"" "$summary" 2>/dev/null &&

@@ -163,6 +163,9 @@ class TransformerBlock(nn.Module):
         self.self_attn = Attention(cfg, ops)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.mlp = FeedForward(cfg, ops)
+        # > 1: the batch runs as this many chunks, interleaved sublayer by sublayer (parallel/tp.py's batch
+        # overlap: one chunk's tensor-parallel all-reduce runs while the next chunk computes).
+        self.batch_chunks = 1
 
     def forward(
         self,
@@ -171,8 +174,40 @@ class TransformerBlock(nn.Module):
         sin_BSD: torch.Tensor,
         doc_ids_BS: torch.Tensor | None,
     ) -> torch.Tensor:
+        if self.batch_chunks > 1 and x_BSE.shape[0] > 1:
+            return self._forward_chunks(x_BSE, cos_BSD, sin_BSD, doc_ids_BS)
         h_BSE = x_BSE + self.self_attn(self.input_layernorm(x_BSE), cos_BSD, sin_BSD, doc_ids_BS)
         return h_BSE + self.mlp(self.post_attention_layernorm(h_BSE))
+
+    def _forward_chunks(
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The same block on batch chunks, ordered so that every chunk's sublayer output has the next chunk's work
+        to hide its collective behind: attention(c0), attention(c1), then per chunk the residual add (the first
+        use of its attention all-reduce) and the MLP, then the MLP residual adds. Only the last chunk's MLP
+        all-reduce has nothing after it in the block. Rows are independent, so the result equals the unchunked
+        forward's up to GEMM summation order."""
+        batch = x_BSE.shape[0]
+        chunks = min(self.batch_chunks, batch)
+
+        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+            # RoPE tables and document ids are per sequence ([B, ...]) or shared by all ([1, ...]).
+            if t is None or t.shape[0] != batch:
+                return [t] * chunks
+            return list(t.tensor_split(chunks))
+
+        xs = x_BSE.tensor_split(chunks)
+        parts = zip(xs, split(cos_BSD), split(sin_BSD), split(doc_ids_BS), strict=True)
+        attn_outs = [self.self_attn(self.input_layernorm(x), cos, sin, doc) for x, cos, sin, doc in parts]
+        hs, mlp_outs = [], []
+        for x, attn_out in zip(xs, attn_outs, strict=True):
+            hs.append(x + attn_out)
+            mlp_outs.append(self.mlp(self.post_attention_layernorm(hs[-1])))
+        return torch.cat([h + m for h, m in zip(hs, mlp_outs, strict=True)])
 
 
 class Llama(nn.Module):

@@ -36,6 +36,11 @@ class ParallelConfig:
     # with tp > 1 on GPUs: torch's micro-pipelined (async) TP, which splits the all-gather/reduce-scatter around
     # each TP matmul into chunks overlapped with the matmul through symmetric memory; needs parallel.compile.
     async_tp: bool = False
+    # with tp > 1, sequence_parallel=false: each block runs its micro-batch as two halves interleaved sublayer by
+    # sublayer (attention of both, then MLP of both), so one half's TP all-reduce can run while the other half's
+    # GEMMs do (DeepSpeed Domino's batch split); plain collectives, eager or compiled. Measured slower than
+    # without it at 1B, TP=2 on 2 H200s (0.90-0.97x TP+SP, where plain no-SP TP is 1.03-1.07x): README.
+    tp_batch_overlap: bool = False
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo

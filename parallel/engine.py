@@ -26,7 +26,7 @@ from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_tp, enable_async_tp
+from treadle.parallel.tp import apply_batch_overlap, apply_tp, enable_async_tp
 from treadle.train.data import Batch
 
 
@@ -92,6 +92,8 @@ class NativeEngine:
             model.ops.loss = vocab_parallel_linear_cross_entropy
             if self.cfg.async_tp:
                 enable_async_tp(self.dims.tp_mesh())
+            if self.cfg.tp_batch_overlap:
+                apply_batch_overlap(model.layers, compiled=self.cfg.compile)
         if self.dims.cp > 1:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)

@@ -87,6 +87,41 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
     enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
+def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 2) -> None:
+    """Run each block's micro-batch as `chunks` batch chunks interleaved sublayer by sublayer (DeepSpeed Domino,
+    Wang et al. 2024, "Domino: Eliminating Communication in LLM Training via Generic Tensor Slicing and
+    Overlapping", its batch split only).
+
+    Without sequence parallelism a TP block has one all-reduce after each row-parallel sublayer (attention's
+    o_proj, the MLP's down_proj) and, in backward, one after each column-parallel input (the gradient of the
+    replicated activations). With chunks c0, c1 in the order attention(c0), attention(c1), mlp(c0), mlp(c1),
+    nothing c1 computes waits for c0's all-reduce: the collective runs on the communication stream while
+    c1's GEMMs run, and backward (autograd follows the reverse order) interleaves the same way. The
+    collectives are ordinary async ones. Eager, DTensor's functional all-reduce is waited at its first use.
+    Traced, the wait follows the collective at once, so with `compiled` this turns on Inductor's
+    compute/communication reordering (`reorder_for_compute_comm_overlap`: waits sunk to their first use,
+    collectives raised, independent compute moved in between) for the process. The price is GEMMs on half
+    the rows. Sequence parallelism has an all-gather *before* each sublayer's GEMMs, on the critical path of its
+    own chunk, so the option requires it off (checked in config).
+
+    Measured (2 H200s, 1B, seq 4096, micro-batch 4, compiled; benchmarks/async_tp.sh): 0.90-0.97x plain TP+SP,
+    below TP without SP (1.03-1.07x). The halved GEMMs cost ~20 ms a step, more than the 17 ms of all-reduces
+    there are to hide, and the profile shows no NCCL kernel running beside a GEMM (unverified guess: the GEMMs'
+    persistent kernels hold every SM). It is kept for layouts with a larger communication share (TP=4/8, slower links).
+    """
+    if compiled:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.reorder_for_compute_comm_overlap = True
+    for name, block in blocks.items():
+        if not hasattr(block, "batch_chunks"):
+            raise ValueError(
+                f"parallel.tp_batch_overlap=true needs the Llama blocks of treadle.models.llama; block {name} is "
+                f"{type(block).__name__}; fix: set parallel.tp_batch_overlap=false"
+            )
+        block.batch_chunks = chunks
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Shard `model` (still on the meta device) over `tp_mesh` in place."""
     # torch's styles re-create the parameters they shard as trainable; frozen ones (a LoRA base) stay frozen.

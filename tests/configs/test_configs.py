@@ -202,6 +202,22 @@ def test_async_tp_says_why_it_cannot_run_on_cpu():
         validate(cfg, world_size=2)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp=2"], "fix: set parallel.sequence_parallel=false"),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=false", "trainer.micro_batch_size=1"],
+            "splits each micro-batch in two, but trainer.micro_batch_size=1",
+        ),
+    ],
+)
+def test_tp_batch_overlap_refuses_what_it_cannot_overlap(overrides, message):
+    cfg = load_config([*overrides, "parallel.tp_batch_overlap=true"])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=2)
+
+
 def test_async_tp_needs_compile():
     cfg = load_config(["parallel.tp=2", "parallel.async_tp=true", "run.device=cuda"])
     with pytest.raises(ValueError, match="needs parallel.compile=true"):

@@ -85,6 +85,11 @@ def test_reference_loss_falls(reference):
         pytest.param(4, ["parallel=fsdp", "trainer.micro_batch_size=1"], id="zero3_4ranks_accum2"),
         pytest.param(2, ["parallel.tp=2"], id="tp2_sp"),
         pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=false"], id="tp2_no_sp"),
+        pytest.param(
+            2,
+            ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.tp_batch_overlap=true"],
+            id="tp2_batch_overlap",
+        ),
         pytest.param(4, ["parallel.tp=2"], id="dp2_tp2_sp"),
         pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ring"], id="cp2_ring"),
         pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ulysses"], id="cp2_ulysses"),

@@ -15,14 +15,19 @@ from torch.distributed.tensor import DTensor
 from treadle.models.llama import Llama, ModelConfig
 from treadle.parallel.fp8 import Float8Config, convert_to_float8
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_tp
+from treadle.parallel.tp import apply_batch_overlap, apply_tp
 
 pytestmark = pytest.mark.slow
 CFG = dict(dim=64, num_layers=1, num_heads=4, num_kv_heads=2, vocab_size=96, ffn_dim=128, max_seq_len=32)
 
 
 def _grads(
-    rank: int, world_size: int, sequence_parallel: bool, tie: bool, fp8: str | None = None
+    rank: int,
+    world_size: int,
+    sequence_parallel: bool,
+    tie: bool,
+    fp8: str | None = None,
+    batch_overlap: bool = False,
 ) -> dict[str, float]:
     torch.manual_seed(0)
     tokens = torch.randint(0, 96, (2, 16))
@@ -47,6 +52,8 @@ def _grads(
         init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)),
         sequence_parallel=sequence_parallel,
     )
+    if batch_overlap:
+        apply_batch_overlap(model.layers, compiled=False)
     model.ops.loss = vocab_parallel_linear_cross_entropy
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
@@ -54,6 +61,14 @@ def _grads(
     tp_loss.backward()
 
     errors = {"loss": abs(tp_loss.item() - loss.item())}
+    if batch_overlap:
+        # The chunked order really ran: both chunks' attention before either chunk's MLP.
+        order = []
+        block = model.layers["0"]
+        for name in ("self_attn", "mlp"):
+            getattr(block, name).register_forward_hook(lambda m, a, o, name=name: order.append(name))
+        model(tokens, labels_BS=labels)
+        errors["order"] = float(order != ["self_attn", "self_attn", "mlp", "mlp"])
     twin_params = dict(twin.named_parameters())
     for name, param in model.named_parameters():
         grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
@@ -66,6 +81,14 @@ def _grads(
 def test_tp_gradients_match_the_unsharded_twin(sequence_parallel, tie):
     errors = run_distributed(_grads, 2, sequence_parallel, tie)[0]
     assert len(errors) > 10
+    assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tp_batch_overlap_gradients_match_the_unsharded_twin(tie):
+    """TP without SP, each block's batch in two chunks interleaved sublayer by sublayer (parallel.tp_batch_overlap)."""
+    errors = run_distributed(_grads, 2, False, tie, None, True)[0]
+    assert errors["order"] == 0.0
     assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
 
 
