@@ -22,7 +22,6 @@ temporaries as large as the parameter.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,6 +38,7 @@ from treadle.kernels.adamw_fp8 import (
     dequantize_fp8,
     quantize_fp8,
 )
+from treadle.kernels.fp8_cast import _interpreting
 
 __all__ = ["FP8_DTYPE", "STATE_DTYPES", "LowPrecisionAdamW", "dequantize_fp8", "quantize_fp8"]
 
@@ -165,7 +165,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 and param.is_contiguous()
                 and not torch.compiler.is_compiling()
             )
-        if self.fused and not param.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if self.fused and not param.is_cuda and not _interpreting():
             raise ValueError(
                 f"LowPrecisionAdamW(fused=True) runs a Triton kernel, which needs CUDA tensors (got "
                 f"{param.device}) or TRITON_INTERPRET=1; pass fused=None to choose per parameter"
