@@ -90,6 +90,16 @@ def test_reference_loss_falls(reference):
             ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.tp_batch_overlap=true"],
             id="tp2_batch_overlap",
         ),
+        pytest.param(
+            4,
+            [
+                "parallel.tp=2",
+                "parallel.sequence_parallel=false",
+                "parallel.tp_batch_overlap=true",
+                "memory=full_ac",
+            ],
+            id="dp2_tp2_batch_overlap_full_ac",
+        ),
         pytest.param(4, ["parallel.tp=2"], id="dp2_tp2_sp"),
         pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ring"], id="cp2_ring"),
         pytest.param(2, ["parallel.cp=2", "parallel.cp_variant=ulysses"], id="cp2_ulysses"),
