@@ -67,9 +67,11 @@ def run_treadle(cfg: TrainConfig, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "losses": losses, "peak_gib": peak, "batches": batches}
 
 
-def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float, dict[str, float]]:
-    """(communication kernel time, the part of it not overlapped by any compute kernel, the 12 kernels with
-    the most time), in ms per step, from the torch profiler's CUDA kernel timeline of this rank."""
+def _profile(trainer, steps: int) -> dict:
+    """From the torch profiler's CUDA kernel timeline of this rank over `steps` steps, per step in ms:
+    communication kernel time, the part of it not overlapped by any compute kernel, the time any kernel runs
+    (`gpu_busy_ms_per_step`; against the step's wall time, what the host leaves the GPU idle), and the 12
+    kernels with the most time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -88,8 +90,14 @@ def _exposed_communication_ms(trainer, steps: int) -> tuple[float, float, dict[s
         per_kernel[event.name[:80]] = per_kernel.get(event.name[:80], 0.0) + interval[1] - interval[0]
     total_comm = sum(end - start for start, end in _union(comm))
     hidden = sum(end - start for start, end in _intersect(_union(comm), _union(compute)))
+    busy = sum(end - start for start, end in _union(comm + compute))
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return total_comm / steps / 1e3, (total_comm - hidden) / steps / 1e3, {k: v / steps / 1e3 for k, v in top}
+    return {
+        "comm_ms_per_step": total_comm / steps / 1e3,
+        "exposed_comm_ms_per_step": (total_comm - hidden) / steps / 1e3,
+        "gpu_busy_ms_per_step": busy / steps / 1e3,
+        "top_kernels_ms_per_step": {k: v / steps / 1e3 for k, v in top},
+    }
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -123,9 +131,7 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
         trainer = build_trainer(cfg, dims, device)
         torch.cuda.reset_peak_memory_stats()
         seconds, losses = _timed(lambda: trainer.train_step().loss, args.steps, args.warmup)
-        comm_ms, exposed_ms, top_kernels = (
-            _exposed_communication_ms(trainer, 3) if args.profile else (None, None, None)
-        )
+        profiled = _profile(trainer, 3) if args.profile else {}
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         if dist.get_rank() != 0:
             return
@@ -140,14 +146,15 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": per_device,
             "mfu": per_device * flops_per_token / peak if peak else None,
-            "comm_ms_per_step": comm_ms,
-            "exposed_comm_ms_per_step": exposed_ms,
+            "comm_ms_per_step": profiled.get("comm_ms_per_step"),
+            "exposed_comm_ms_per_step": profiled.get("exposed_comm_ms_per_step"),
+            "gpu_busy_ms_per_step": profiled.get("gpu_busy_ms_per_step"),
             "step_ms": seconds / args.steps * 1e3,
             "peak_memory_gib": peak_gib,
             "last_loss": losses[-1],
             "device": torch.cuda.get_device_name(),
             "inductor": args.inductor,
-            "top_kernels_ms_per_step": top_kernels,
+            "top_kernels_ms_per_step": profiled.get("top_kernels_ms_per_step"),
         }
         print(f"# {json.dumps(record)}", flush=True)
         if args.summary:
@@ -171,6 +178,7 @@ def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
         ("tokens_per_s", True),
         ("mfu", True),
         ("exposed_comm_ms_per_step", False),
+        ("gpu_busy_ms_per_step", False),
         ("peak_memory_gib", False),
     )
     for record in records:
