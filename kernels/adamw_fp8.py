@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.kernels.fp8_cast import E4M3, _encode_fp8, _interpreting
+from treadle.kernels.fp8_cast import E4M3, _decode_e4m3, _encode_fp8, _soft_cast
 
 __all__ = [
     "FP8_DTYPE",
@@ -197,11 +197,13 @@ def _log2_or_neg_inf(x):
 
 
 @triton.jit
-def _dequantize(q_ptr, scale_ptr, exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R):
+def _dequantize(q_ptr, scale_ptr, exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R, SOFT_CAST: tl.constexpr):
     """`dequantize_fp8` of one tile: sign(q) · scale · 2^((log2|q| - log2 448) / k); masked elements are 0."""
-    # The payload travels as its uint8 bits (fp8 loads take no `other`); the bitcast and the conversion to
-    # fp32 are exact, in the interpreter too (only its fp32 -> float8 conversion is wrong).
-    q_RG = tl.load(q_ptr + idx_RG, mask=mask_RG, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    # The payload travels as its uint8 bits (fp8 loads take no `other`). With `SOFT_CAST` (the interpreter, and
+    # GPUs below compute capability 8.9, where Triton has no E4M3 type) they are decoded in integers; else the
+    # bitcast and the conversion to fp32 are exact.
+    bits_RG = tl.load(q_ptr + idx_RG, mask=mask_RG, other=0)
+    q_RG = _decode_e4m3(bits_RG) if SOFT_CAST else bits_RG.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     scale_R = tl.load(scale_ptr + stat_R, mask=row_mask_R, other=0.0)
     k_R = tl.load(exp_ptr + stat_R, mask=row_mask_R, other=1.0)
     # log2|q| - log2 448 saves a division per element; exp2 turns the absolute rounding of log2|q| into a
@@ -291,8 +293,8 @@ def _adamw_fp8_kernel(
 
     p_RG = tl.load(param_ptr + idx_RG, mask=mask_RG, other=0.0)
     g_RG = tl.load(grad_ptr + idx_RG, mask=mask_RG, other=0.0).to(tl.float32)
-    m_RG = _dequantize(m_ptr, m_scale_ptr, m_exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R)
-    v_RG = _dequantize(v_ptr, v_scale_ptr, v_exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R)
+    m_RG = _dequantize(m_ptr, m_scale_ptr, m_exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R, SOFT_CAST)
+    v_RG = _dequantize(v_ptr, v_scale_ptr, v_exp_ptr, idx_RG, stat_R, mask_RG, row_mask_R, SOFT_CAST)
 
     # torch.lerp: start + w·(end - start) for |w| < 0.5, else end - (end - start)·(1 - w).
     diff_RG = g_RG - m_RG
@@ -345,7 +347,7 @@ def adamw_fp8_step_triton(
     if param.numel() == 0:
         return
     grad = grad.contiguous()
-    soft_cast = _interpreting() if soft_cast is None else soft_cast
+    soft_cast = _soft_cast(param.device) if soft_cast is None else soft_cast
     num_rows = param.numel() // num_cols
     block_g = triton.next_power_of_2(group_size)
     block_r = max(1, _TILE // block_g)

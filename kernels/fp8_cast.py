@@ -14,8 +14,9 @@ cast pass. Between them the scale is computed by the same torch expression as th
 (`scale_from_amax`), so the kernel and the reference divide the same numbers the same (IEEE) way and the
 casts are bit-equal: only max-reductions (exact in any order) and the rounding of x · scale differ in
 where they run. The store rounds to nearest even with saturation; on a GPU that is the hardware
-conversion (`cvt.rn.satfinite`), in Triton's CPU interpreter — whose float8 conversion is wrong (Triton
-3.6: 31.66 → 16.0) — the kernel encodes the float8 bits itself with integer arithmetic (`SOFT_CAST`).
+conversion (`cvt.rn.satfinite`); in Triton's CPU interpreter — whose float8 conversion is wrong (Triton
+3.6: 31.66 → 16.0) — and on GPUs below compute capability 8.9, where Triton has no E4M3 type, the kernel
+encodes the float8 bits itself with integer arithmetic (`SOFT_CAST`).
 
 `Float8MatmulFunction` is y = x Wᵀ with all three GEMMs in FP8 (forward, grad input, grad weight):
 forward operands in E4M3 (more mantissa), gradients in E5M2 with tensorwise scaling (more range; the
@@ -30,6 +31,7 @@ path up to fp32 summation order, with no speedup.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -130,6 +132,19 @@ def _encode_fp8(y, MANT: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _decode_e4m3(bits):
+    """fp32 value of E4M3 bits (uint8), integer arithmetic only: exponent field 0 is subnormal (m · 2^-9),
+    else (1 + m/8) · 2^(e-7) rebiased into fp32's fields; 0x7F / 0xFF are NaN (E4M3 has no infinity)."""
+    b = bits.to(tl.int32)
+    exponent = (b >> 3) & 0xF
+    mantissa = b & 0x7
+    normal = ((exponent - 7 + 127) << 23) | (mantissa << 20)
+    normal = tl.where((b & 0x7F) == 0x7F, 0x7FC00000, normal).to(tl.float32, bitcast=True)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    return tl.where((b & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
 def _cast_kernel(
     x_ptr,
     scale_ptr,
@@ -162,12 +177,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _has_e4m3(device_index: int) -> bool:
+    """Triton has an E4M3 type (`fp8e4nv`) from compute capability 8.9 on."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _soft_cast(device: torch.device) -> bool:
+    """Whether the Triton kernels on `device` encode and decode float8 bits in integers: in the interpreter
+    (whose float8 conversion is wrong), on the CPU, and on GPUs without Triton's E4M3 type (`_has_e4m3`)."""
+    if _interpreting() or device.type != "cuda":
+        return True
+    return not _has_e4m3(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def cast_to_fp8_triton(
     x: torch.Tensor, dtype: torch.dtype, rowwise: bool, amax_group=None, *, soft_cast: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `cast_to_fp8_reference` for a 2-D `x` (bit-equal to it)."""
     assert x.dim() == 2 and dtype in _FORMATS, (x.shape, dtype)
-    soft_cast = _interpreting() if soft_cast is None else soft_cast
+    soft_cast = _soft_cast(x.device) if soft_cast is None else soft_cast
     # Tensorwise, the amax pass sees the tensor as one long row, so its partials cover every element.
     x_RC = x if (x.stride(-1) == 1 and (rowwise or x.is_contiguous())) else x.contiguous()
     rows, cols = x_RC.shape

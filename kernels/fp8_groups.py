@@ -34,7 +34,6 @@ graph on detached tensors, so there is no backward to define.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from treadle.kernels.fp8_cast import AMAX_EPS, E4M3, _encode_fp8, _interpreting, _traced
+from treadle.kernels.fp8_cast import AMAX_EPS, E4M3, _decode_e4m3, _encode_fp8, _soft_cast, _traced
 
 __all__ = [
     "E4M3",
@@ -87,19 +86,6 @@ def dequantize_groups_reference(
     rows, num_groups = inv_scale.shape[:2]
     x_RGc = payload.view(rows, num_groups, -1).float() * inv_scale
     return x_RGc.view(rows, -1)[:, : shape[-1]].reshape(shape).to(dtype)
-
-
-@triton.jit
-def _decode_e4m3(bits):
-    """fp32 value of E4M3 bits (uint8), integer arithmetic only: exponent field 0 is subnormal (m · 2^-9),
-    else (1 + m/8) · 2^(e-7) rebiased into fp32's fields; 0x7F / 0xFF are NaN (E4M3 has no infinity)."""
-    b = bits.to(tl.int32)
-    exponent = (b >> 3) & 0xF
-    mantissa = b & 0x7
-    normal = ((exponent - 7 + 127) << 23) | (mantissa << 20)
-    normal = tl.where((b & 0x7F) == 0x7F, 0x7FC00000, normal).to(tl.float32, bitcast=True)
-    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
-    return tl.where((b & 0x80) != 0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -181,18 +167,6 @@ def _dequantize_kernel(
         y_TK = _round_to_bf16(y_TK)
     y_TK = y_TK.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row_T[:, None] * num_cols + col_TK, y_TK, mask=in_group_TK & (col_TK < num_cols))
-
-
-@functools.cache
-def _has_e4m3(device_index: int) -> bool:
-    """Triton has an E4M3 type (`fp8e4nv`) from compute capability 8.9 on."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
-
-
-def _soft_cast(device: torch.device) -> bool:
-    if _interpreting() or device.type != "cuda":
-        return True
-    return not _has_e4m3(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tiles(group_size: int) -> tuple[int, int, int]:

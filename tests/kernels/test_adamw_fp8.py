@@ -338,3 +338,39 @@ def test_gpu_real_shape_matches_reference_and_allocates_nothing() -> None:
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - before < 1 << 20
         m, v = _check_step(param, grad, m, v, hp, group_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device")
+def test_gpu_integer_float8_codec_equals_the_hardware_conversion() -> None:
+    """The path of GPUs without Triton's E4M3 type (compute capability < 8.9: float8 bits encoded and decoded
+    in integers) against the hardware conversion, on a GPU that has both: the same parameters and moments,
+    bit for bit, over three steps."""
+    shape, group_size = (256, 1000), 128  # a padded last group
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.randn(shape, device="cuda", generator=gen) * 0.02
+    states = {soft: (param.clone(), _zeros(shape, group_size, True), _zeros(shape, group_size, True))
+              for soft in (False, True)}  # fmt: skip
+    for step in range(1, 4):
+        grad = (torch.randn(shape, device="cuda", generator=gen) * 1e-3).to(torch.bfloat16)
+        hp = k.AdamWStep(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
+        for soft, (p, m, v) in states.items():
+            k.adamw_fp8_step_triton(p, grad, m, v, hp, group_size, soft_cast=soft)
+    (p0, m0, v0), (p1, m1, v1) = states[False], states[True]
+    assert torch.equal(p0, p1)
+    for a, b in ((m0, m1), (v0, v1)):
+        assert torch.equal(a.payload.view(torch.uint8), b.payload.view(torch.uint8))
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.exponent, b.exponent)
+
+
+def test_soft_float8_codec_is_chosen_below_compute_capability_8_9(monkeypatch) -> None:
+    """GPUs without Triton's E4M3 type get the integer codec in every FP8 kernel (one rule, `_soft_cast`)."""
+    from treadle.kernels import fp8_cast
+
+    monkeypatch.setattr(fp8_cast, "_interpreting", lambda: False)
+    for capability, soft in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
+        fp8_cast._has_e4m3.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        assert fp8_cast._soft_cast(torch.device("cuda", 0)) is soft
+    fp8_cast._has_e4m3.cache_clear()
+    assert fp8_cast._soft_cast(torch.device("cpu")) is True
