@@ -15,6 +15,13 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+def read_lines(*paths: Path) -> list[dict]:
+    """The JSON objects of one or more JSON-lines files, in order (blank lines skipped)."""
+    return [
+        json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()
+    ]
+
+
 def write_lines(lines: list[dict], out: Path, *, append: bool = False) -> None:
     """One JSON object per line; the newest run replaces the file (DESIGN.md) unless `append`."""
     out.parent.mkdir(parents=True, exist_ok=True)

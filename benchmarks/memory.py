@@ -62,13 +62,14 @@ import datetime
 import gc
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _results import emit, triton_version
+from _results import emit, read_lines, triton_version, write_lines
 
 from treadle.memory.checkpointing import MemoryConfig
 from treadle.models import get_model_spec
@@ -381,8 +382,7 @@ def curve_lines(args: argparse.Namespace) -> list[dict]:
             print(f"# curve {json.dumps(record)}", flush=True)
             records.append({**record, "losses": losses})
             if args.curve_log:
-                with args.curve_log.open("a") as f:
-                    f.write(json.dumps(records[-1]) + "\n")
+                write_lines(records[-1:], args.curve_log, append=True)
     return summarise_curves(records)
 
 
@@ -406,12 +406,7 @@ def summarise_curves(records: list[dict]) -> list[dict]:
         final = [sum(runs[s]["losses"][-tail:]) / tail for s in seeds]
         peer = [sum(base[s]["losses"][-tail:]) / tail for s in seeds]
         ratios = [a / b for a, b in zip(final, peer, strict=True)]
-        mean_ratio = sum(ratios) / len(ratios)
-        spread = (
-            (sum((r - mean_ratio) ** 2 for r in ratios) / (len(ratios) - 1)) ** 0.5
-            if len(ratios) > 1
-            else None
-        )
+        standard_error = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None
         label = "fp8_tensorwise" if case_name == "fp8" else case_name
         lines.append(
             {
@@ -425,8 +420,8 @@ def summarise_curves(records: list[dict]) -> list[dict]:
                 "higher_is_better": False,
                 "seeds": seeds,
                 "seed_ratios": ratios,
-                "seed_ratios_mean": mean_ratio,
-                "seed_ratios_standard_error": spread / len(ratios) ** 0.5 if spread is not None else None,
+                "seed_ratios_mean": statistics.mean(ratios),
+                "seed_ratios_standard_error": standard_error,
                 "lr": first.get("lr"),
                 "losses": first["losses"],
                 "peer_losses": base[seeds[0]]["losses"],
@@ -451,6 +446,11 @@ def _seed_mean(curves: list[list[float]]) -> list[float]:
     return [sum(step) / len(step) for step in zip(*curves, strict=True)]
 
 
+def _curve_label(line: dict) -> str:
+    """The case part of a curve line's name (`loss_curve_<model>_<steps>steps_<case>`)."""
+    return line["case"].split("steps_", 1)[1]
+
+
 def plot(jsonl: Path, png: Path) -> None:
     """Loss curves of the JSONL's curve lines. Where some lines ran several seeds, only those: left, each case's
     curve averaged over its seeds (10-step moving average); right, each seed's final-loss ratio to bf16."""
@@ -459,8 +459,7 @@ def plot(jsonl: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    curves = [line for line in lines if "losses" in line]
+    curves = [line for line in read_lines(jsonl) if "losses" in line]
     if not curves:
         raise SystemExit(f"{jsonl} holds no loss curve (a line with 'losses')")
     seeded = [line for line in curves if "seed_losses" in line]
@@ -469,7 +468,7 @@ def plot(jsonl: Path, png: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(curves[0]["peer_losses"], label=curves[0]["peer"], linewidth=1)
         for line in curves:
-            ax.plot(line["losses"], label=line["case"].split("steps_", 1)[1], linewidth=1)
+            ax.plot(line["losses"], label=_curve_label(line), linewidth=1)
     else:
         fig, (ax, spread) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
         widest = max(seeded, key=lambda line: len(line["seeds"]))
@@ -479,10 +478,9 @@ def plot(jsonl: Path, png: Path) -> None:
             linewidth=1,
         )
         for i, line in enumerate(seeded):
-            name = line["case"].split("steps_", 1)[1]
             ax.plot(
                 _smooth(_seed_mean(line["seed_losses"])),
-                label=f"{name} ({len(line['seeds'])} seeds)",
+                label=f"{_curve_label(line)} ({len(line['seeds'])} seeds)",
                 linewidth=1,
             )
             spread.scatter(
@@ -491,9 +489,7 @@ def plot(jsonl: Path, png: Path) -> None:
             se = line["seed_ratios_standard_error"] or 0.0
             spread.errorbar([i + 0.15], [line["seed_ratios_mean"]], yerr=[se], fmt="k_", capsize=3)
         spread.axhline(1.0, color="grey", linewidth=0.8)
-        spread.set_xticks(
-            range(len(seeded)), [line["case"].split("steps_", 1)[1] for line in seeded], rotation=20
-        )
+        spread.set_xticks(range(len(seeded)), [_curve_label(line) for line in seeded], rotation=20)
         spread.set_ylabel("final loss / bf16's (each seed; mean ± s.e.)")
         spread.grid(alpha=0.3)
         ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
@@ -555,8 +551,7 @@ def main() -> None:
         plot(args.plot, args.png)
         return
     if args.curve_combine:
-        records = [json.loads(line) for p in args.curve_combine.split(",") for line in Path(p).read_text().splitlines() if line.strip()]  # fmt: skip
-        emit(summarise_curves(records), args.out, append=args.append)
+        emit(summarise_curves(read_lines(*args.curve_combine.split(","))), args.out, append=args.append)
         return
     global DEVICE
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 from pathlib import Path
 
 import torch
-from _results import emit, triton_version
+from _results import emit, read_lines, triton_version
 
 # torchtitan, docs/performance.md: Llama 3 8B, 8×H100, seq 8192, local batch 1, FSDP, selective AC.
 TORCHTITAN_8xH100 = {"bf16": 5762.0, "bf16_compile": 6667.0, "fp8_compile": 8532.0}
@@ -161,7 +160,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to report")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    records = [json.loads(x) for x in args.summary.read_text().splitlines() if x.strip()]
+    records = read_lines(args.summary)
     emit(lines(records, args.counts), args.out)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _results import emit, triton_version
+from _results import emit, read_lines, triton_version
 
 from treadle.models import get_model_spec
 from treadle.optim.builder import build_scheduler
@@ -165,7 +165,7 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
 def combine(summary: Path, baseline: str, case: str, out: Path | None) -> None:
     """Turn layout records into DESIGN.md result lines, each layout against `baseline`; plus the longest
     sequence that fitted per `fit:<group>:...` record group."""
-    records = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
+    records = read_lines(summary)
     by_name = {r["name"]: r for r in records}
     base = by_name[baseline]
     common = {

@@ -152,10 +152,10 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
             warnings.warn("parallel.async_tp=true has no effect with parallel.tp=1", stacklevel=3)
     if cfg.parallel.tp_batch_overlap:
         _check(
-            not cfg.parallel.sequence_parallel and not cfg.parallel.async_tp,
+            not cfg.parallel.sequence_parallel,
             "parallel.tp_batch_overlap=true overlaps the all-reduces of tensor parallelism without sequence "
             "parallelism (with it, each sublayer's all-gather sits in front of its own GEMMs); fix: set "
-            "parallel.sequence_parallel=false and parallel.async_tp=false, or parallel.tp_batch_overlap=false",
+            "parallel.sequence_parallel=false, or parallel.tp_batch_overlap=false",
         )
         _check(
             cfg.trainer.micro_batch_size >= 2,
