@@ -7,17 +7,26 @@
 #   no_sp          TP without sequence parallelism (all-reduces instead of all-gather/reduce-scatter pairs)
 #   no_sp_reorder  no_sp + Inductor's compute/communication reordering (what batch_overlap turns on)
 #   batch_overlap  no_sp + each block's batch in two halves interleaved (parallel.tp_batch_overlap)
+#   plain_reorder  plain + Inductor's compute/communication reordering (backward: each gradient's
+#                  reduce-scatter beside the weight-gradient GEMMs)
+#   async_reorder  async + the reordering
+#   *_tn           a mode with treadle's Triton RMSNorm (kernels.rmsnorm=triton), e.g. batch_overlap_tn: an opaque
+#                  norm kernel that Inductor cannot fuse across the batch halves
 # Variants (modes "plain async" unless noted):
 #   base      the recipe as is
-#   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap)
+#   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
+#             reorder_compute_for_overlap: without a pass the flag does nothing)
 #   mb8       micro-batch 8 instead of 4 (larger GEMM chunks for the micro-pipeline)
 #   overlap   modes "plain async no_sp batch_overlap"
 #   overlap_mb8  the same at micro-batch 8 (batch_overlap's GEMMs then run on 4 sequences, as plain's at mb 4)
 # $MODES, where set, replaces every variant's mode list (plain must stay in it: it is the baseline).
+# TRACE=1 also writes rank 0's Chrome trace of the profiled steps, $OUT/trace_<mode>_<variant>.json.
 # Writes $OUT/summary_<variant>.jsonl (raw records) and $OUT/async_tp.jsonl (each mode against plain TP, per
 # variant, through step.py --combine).
 #   OUT=/tmp/atp VARIANTS="base overlap" bash benchmarks/async_tp.sh
 set -u
+reorder=(--inductor reorder_for_compute_comm_overlap=True
+  --inductor "reorder_for_compute_comm_overlap_passes=['reorder_compute_for_overlap']")
 OUT=${OUT:-/tmp/treadle_async_tp}
 mkdir -p "$OUT"
 for variant in ${VARIANTS:-base reorder mb8}; do
@@ -25,22 +34,27 @@ for variant in ${VARIANTS:-base reorder mb8}; do
   rm -f "$summary"
   mb=4 extra=() modes="plain async"
   case $variant in
-    reorder) extra=(--inductor reorder_for_compute_comm_overlap=True) ;;
+    reorder) extra=("${reorder[@]}") ;;
     mb8) mb=8 ;;
     overlap) modes="plain async no_sp batch_overlap" ;;
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
   for mode in ${MODES:-$modes}; do
-    case $mode in
+    kernels=()
+    case $mode in *_tn) kernels=(kernels.rmsnorm=triton) ;; esac
+    case ${mode%_tn} in
       plain) flags=(parallel.async_tp=false) ;;
       async) flags=(parallel.async_tp=true) ;;
       no_sp) flags=(parallel.sequence_parallel=false) ;;
-      no_sp_reorder) flags=(--inductor reorder_for_compute_comm_overlap=True parallel.sequence_parallel=false) ;;
+      no_sp_reorder) flags=("${reorder[@]}" parallel.sequence_parallel=false) ;;
       batch_overlap) flags=(parallel.sequence_parallel=false parallel.tp_batch_overlap=true) ;;
+      plain_reorder) flags=("${reorder[@]}" parallel.async_tp=false) ;;
+      async_reorder) flags=("${reorder[@]}" parallel.async_tp=true) ;;
     esac
+    [ -n "${TRACE:-}" ] && flags=(--trace "$OUT/trace_${mode}_$variant.json" "${flags[@]}")
     timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
-      "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
+      "${extra[@]}" "${flags[@]}" "${kernels[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3
   done
   grep -q "\"tp2_plain_$variant\"" "$summary" 2>/dev/null &&

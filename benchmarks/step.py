@@ -67,17 +67,19 @@ def run_treadle(cfg: TrainConfig, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "losses": losses, "peak_gib": peak, "batches": batches}
 
 
-def _profile(trainer, steps: int) -> dict:
+def _profile(trainer, steps: int, trace: Path | None = None) -> dict:
     """From the torch profiler's CUDA kernel timeline of this rank over `steps` steps, per step in ms:
     communication kernel time, the part of it not overlapped by any compute kernel, the time any kernel runs
     (`gpu_busy_ms_per_step`; against the step's wall time, what the host leaves the GPU idle), and the 12
-    kernels with the most time."""
+    kernels with the most time. With `trace`, rank 0 also writes the profiled steps' Chrome trace there."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             trainer.train_step()
         torch.cuda.synchronize()
+    if trace is not None and dist.get_rank() == 0:
+        prof.export_chrome_trace(str(trace))
     comm, compute = [], []
     per_kernel: dict[str, float] = {}
     for event in prof.events():
@@ -131,7 +133,7 @@ def run_layout(args: argparse.Namespace, cfg: TrainConfig) -> None:
         trainer = build_trainer(cfg, dims, device)
         torch.cuda.reset_peak_memory_stats()
         seconds, losses = _timed(lambda: trainer.train_step().loss, args.steps, args.warmup)
-        profiled = _profile(trainer, 3) if args.profile else {}
+        profiled = _profile(trainer, 3, args.trace) if args.profile else {}
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         if dist.get_rank() != 0:
             return
@@ -330,6 +332,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="under torchrun: measure exposed communication"
     )
+    parser.add_argument("--trace", type=Path, default=None, help="with --profile: rank 0's Chrome trace here")
     parser.add_argument("--combine", type=Path, default=None, help="turn a --summary file into result lines")
     parser.add_argument("--baseline", default=None, help="with --combine: the record the others compare to")
     parser.add_argument("--case", default="llama3_1b", help="with --combine: case name prefix")

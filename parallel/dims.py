@@ -38,9 +38,15 @@ class ParallelConfig:
     async_tp: bool = False
     # with tp > 1, sequence_parallel=false: each block runs its micro-batch as two halves interleaved sublayer by
     # sublayer (attention of both, then MLP of both), so one half's TP all-reduce can run while the other half's
-    # GEMMs do (DeepSpeed Domino's batch split); plain collectives, eager or compiled. Measured slower than
-    # without it at 1B, TP=2 on 2 H200s (0.90-0.97x TP+SP, where plain no-SP TP is 1.03-1.07x): README.
+    # GEMMs do (DeepSpeed Domino's batch split); plain collectives, eager or compiled (then with tp_comm_reorder's
+    # reordering, whatever that key says). 1B, TP=2 on 2 H200s: 0.82-1.04x TP+SP, behind or level with
+    # tp_comm_reorder alone: README.
     tp_batch_overlap: bool = False
+    # with tp > 1 and compile: Inductor reorders each compiled block so a TP collective runs beside compute that
+    # does not need it (backward: the activation gradient's all-reduce or reduce-scatter beside the weight-gradient
+    # GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.03x, no SP
+    # 1.02-1.05x against TP+SP without it (README).
+    tp_comm_reorder: bool = False
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo

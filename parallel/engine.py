@@ -26,7 +26,7 @@ from treadle.parallel.dims import ParallelConfig, ParallelDims
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_batch_overlap, apply_tp, enable_async_tp
+from treadle.parallel.tp import apply_batch_overlap, apply_tp, enable_async_tp, enable_comm_reordering
 from treadle.train.data import Batch
 
 
@@ -94,6 +94,8 @@ class NativeEngine:
                 enable_async_tp(self.dims.tp_mesh())
             if self.cfg.tp_batch_overlap:
                 apply_batch_overlap(model.layers, compiled=self.cfg.compile)
+            if self.cfg.tp_comm_reorder and self.cfg.compile:
+                enable_comm_reordering()
         if self.dims.cp > 1:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)

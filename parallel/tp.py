@@ -87,6 +87,20 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
     enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
+def enable_comm_reordering() -> None:
+    """Let Inductor reorder compiled graphs for compute/communication overlap, for the whole process: each
+    collective is issued as soon as its input exists, its wait sunk to the first use of its result, and compute
+    that depends on neither placed in between (the `reorder_compute_for_overlap` pass). Traced functional
+    collectives are otherwise waited at once, so nothing overlaps them. The flag alone does nothing: Inductor
+    runs the passes of `reorder_for_compute_comm_overlap_passes`, empty by default; a list set by the user is
+    kept."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.reorder_for_compute_comm_overlap = True
+    if not inductor_config.reorder_for_compute_comm_overlap_passes:
+        inductor_config.reorder_for_compute_comm_overlap_passes = ["reorder_compute_for_overlap"]
+
+
 def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 2) -> None:
     """Run each block's micro-batch as `chunks` batch chunks interleaved sublayer by sublayer (DeepSpeed Domino,
     Wang et al. 2024, "Domino: Eliminating Communication in LLM Training via Generic Tensor Slicing and
@@ -99,20 +113,17 @@ def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 
     c1's GEMMs run, and backward (autograd follows the reverse order) interleaves the same way. The
     collectives are ordinary async ones. Eager, DTensor's functional all-reduce is waited at its first use.
     Traced, the wait follows the collective at once, so with `compiled` this turns on Inductor's
-    compute/communication reordering (`reorder_for_compute_comm_overlap`: waits sunk to their first use,
-    collectives raised, independent compute moved in between) for the process. The price is GEMMs on half
+    compute/communication reordering for the process (`enable_comm_reordering`). The price is GEMMs on half
     the rows. Sequence parallelism has an all-gather *before* each sublayer's GEMMs, on the critical path of its
     own chunk, so the option requires it off (checked in config).
 
-    Measured (2 H200s, 1B, seq 4096, micro-batch 4, compiled; benchmarks/async_tp.sh): 0.90-0.97x plain TP+SP,
-    below TP without SP (1.03-1.07x). The halved GEMMs cost ~20 ms a step, more than the 17 ms of all-reduces
-    there are to hide, and the profile shows no NCCL kernel running beside a GEMM (unverified guess: the GEMMs'
-    persistent kernels hold every SM). It is kept for layouts with a larger communication share (TP=4/8, slower links).
+    Measured (2 H200s, 1B, seq 4096, compiled; benchmarks/async_tp.sh), against plain TP+SP: 0.82-1.03x at
+    micro-batch 4 and 1.04x at 8, where TP without SP under the same reordering is 1.02-1.05x. Inductor still
+    fuses both halves' residual add + RMSNorm into one kernel (they share the norm weight), which waits for both
+    attention all-reduces, so the second half's is not hidden; the halved GEMMs cost the rest.
     """
     if compiled:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.reorder_for_compute_comm_overlap = True
+        enable_comm_reordering()
     for name, block in blocks.items():
         if not hasattr(block, "batch_chunks"):
             raise ValueError(

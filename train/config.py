@@ -164,6 +164,12 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         )
         if dims.tp == 1:
             warnings.warn("parallel.tp_batch_overlap=true has no effect with parallel.tp=1", stacklevel=3)
+    if cfg.parallel.tp_comm_reorder and (dims.tp == 1 or not cfg.parallel.compile):
+        warnings.warn(
+            "parallel.tp_comm_reorder=true reorders compiled TP blocks: it has no effect without parallel.tp > 1 "
+            "and parallel.compile=true",
+            stacklevel=3,
+        )
     _check(
         dims.tp == 1
         or cfg.peft.method == "none"

@@ -222,3 +222,10 @@ def test_async_tp_needs_compile():
     cfg = load_config(["parallel.tp=2", "parallel.async_tp=true", "run.device=cuda"])
     with pytest.raises(ValueError, match="needs parallel.compile=true"):
         validate(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.compile=true"]])
+def test_tp_comm_reorder_says_when_it_has_no_effect(overrides):
+    cfg = load_config([*overrides, "parallel.tp_comm_reorder=true"])
+    with pytest.warns(UserWarning, match="parallel.tp_comm_reorder=true reorders compiled TP blocks"):
+        validate(cfg, world_size=2 if "parallel.tp=2" in overrides else 1)

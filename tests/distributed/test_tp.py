@@ -100,3 +100,47 @@ def test_fp8_tp_gradients_match_the_unsharded_fp8_twin(recipe):
     errors = run_distributed(_grads, 2, True, False, recipe)[0]
     assert len(errors) > 10
     assert max(errors.values()) < 1e-4, {k: v for k, v in errors.items() if v >= 1e-4}
+
+
+def _compiled_block_order(rank: int, world_size: int, reorder: bool) -> list[str]:
+    """Inductor's generated forward of one compiled, batch-chunked TP block (no SP): the sequence of its
+    collectives, waits and matmuls."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from treadle.parallel.tp import enable_comm_reordering
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(ModelConfig(**CFG))
+    apply_tp(model, init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)), sequence_parallel=False)
+    apply_batch_overlap(model.layers, compiled=False)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=7)
+    block = model.layers["0"]
+    x = torch.randn(2, 16, CFG["dim"])
+    cos, sin = model.rope_tables(torch.arange(16)[None])
+    with inductor_config.patch(
+        reorder_for_compute_comm_overlap=False, reorder_for_compute_comm_overlap_passes=[]
+    ):
+        if reorder:
+            enable_comm_reordering()
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(block), x, cos, sin, None)
+    calls = re.findall(r"(all_reduce_|wait_tensor)\.default\(|extern_kernels\.(mm)\(", "\n".join(codes))
+    return [collective or matmul for collective, matmul in calls]
+
+
+@pytest.mark.parametrize("reorder", [True, False])
+def test_comm_reordering_puts_the_other_halfs_matmuls_between_an_all_reduce_and_its_wait(reorder):
+    """parallel.tp_comm_reorder (and tp_batch_overlap under compile): the first half's all-reduces (attention's,
+    the MLP's) are issued before some of the second half's matmuls and waited after them. Without the reordering
+    passes Inductor waits at once (the flag `reorder_for_compute_comm_overlap` alone runs no pass)."""
+    calls = run_distributed(_compiled_block_order, 2, reorder)[0]
+    issued = [i for i, call in enumerate(calls) if call == "all_reduce_"]
+    in_flight = [calls[i + 1 : calls.index("wait_tensor", i)].count("mm") for i in issued]
+    assert len(issued) == 4, calls
+    first_half = in_flight[0::2]
+    assert all(first_half) if reorder else not any(in_flight), calls
