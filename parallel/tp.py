@@ -118,7 +118,7 @@ def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 
     own chunk, so the option requires it off (checked in config).
 
     Measured (2 H200s, 1B, seq 4096, compiled; benchmarks/async_tp.sh), against plain TP+SP: 0.82-1.03x at
-    micro-batch 4 and 1.04x at 8, where TP without SP under the same reordering is 1.02-1.05x. Inductor still
+    micro-batch 4 and 1.04x at 8, where TP without SP under the same reordering is 1.02-1.07x. Inductor still
     fuses both halves' residual add + RMSNorm into one kernel (they share the norm weight), which waits for both
     attention all-reduces, so the second half's is not hidden; the halved GEMMs cost the rest.
     """
