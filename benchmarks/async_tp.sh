@@ -5,13 +5,11 @@
 #   plain          TP + sequence parallelism, no overlap (the baseline)
 #   async          + torch's micro-pipelined async TP (parallel.async_tp, symmetric memory)
 #   no_sp          TP without sequence parallelism (all-reduces instead of all-gather/reduce-scatter pairs)
-#   no_sp_reorder  no_sp + Inductor's compute/communication reordering (what batch_overlap turns on)
+#   no_sp_reorder  no_sp + Inductor's compute/communication reordering (what batch_overlap turns on, and
+#                  parallel.tp_comm_reorder)
 #   batch_overlap  no_sp + each block's batch in two halves interleaved (parallel.tp_batch_overlap)
-#   plain_reorder  plain + Inductor's compute/communication reordering (backward: each gradient's
-#                  reduce-scatter beside the weight-gradient GEMMs)
+#   plain_reorder  plain + Inductor's compute/communication reordering (parallel.tp_comm_reorder)
 #   async_reorder  async + the reordering
-#   *_tn           a mode with treadle's Triton RMSNorm (kernels.rmsnorm=triton), e.g. batch_overlap_tn: an opaque
-#                  norm kernel that Inductor cannot fuse across the batch halves
 # Variants (modes "plain async" unless noted):
 #   base      the recipe as is
 #   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
@@ -40,9 +38,7 @@ for variant in ${VARIANTS:-base reorder mb8}; do
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
   for mode in ${MODES:-$modes}; do
-    kernels=()
-    case $mode in *_tn) kernels=(kernels.rmsnorm=triton) ;; esac
-    case ${mode%_tn} in
+    case $mode in
       plain) flags=(parallel.async_tp=false) ;;
       async) flags=(parallel.async_tp=true) ;;
       no_sp) flags=(parallel.sequence_parallel=false) ;;
@@ -54,7 +50,7 @@ for variant in ${VARIANTS:-base reorder mb8}; do
     [ -n "${TRACE:-}" ] && flags=(--trace "$OUT/trace_${mode}_$variant.json" "${flags[@]}")
     timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
-      "${extra[@]}" "${flags[@]}" "${kernels[@]}" parallel.tp=2 parallel.dp_shard=1 \
+      "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3
   done
   grep -q "\"tp2_plain_$variant\"" "$summary" 2>/dev/null &&

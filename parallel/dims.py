@@ -43,8 +43,8 @@ class ParallelConfig:
     # tp_comm_reorder alone: README.
     tp_batch_overlap: bool = False
     # with tp > 1 and compile: Inductor reorders each compiled block so a TP collective runs beside compute that
-    # does not need it (backward: the activation gradient's all-reduce or reduce-scatter beside the weight-gradient
-    # GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.02-1.03x, no SP
+    # does not need it (e.g. without SP, in backward, the activation gradient's all-reduce beside the weight-
+    # gradient GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.02-1.03x, no SP
     # 1.02-1.07x against TP+SP without it (README).
     tp_comm_reorder: bool = False
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
