@@ -93,8 +93,8 @@ class NativeEngine:
             if self.cfg.async_tp:
                 enable_async_tp(self.dims.tp_mesh())
             if self.cfg.tp_batch_overlap:
-                apply_batch_overlap(model.layers, compiled=self.cfg.compile)
-            if self.cfg.tp_comm_reorder and self.cfg.compile:
+                apply_batch_overlap(model.layers)
+            if self.cfg.compile and (self.cfg.tp_comm_reorder or self.cfg.tp_batch_overlap):
                 enable_comm_reordering()
         if self.dims.cp > 1:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)

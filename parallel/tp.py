@@ -101,7 +101,7 @@ def enable_comm_reordering() -> None:
         inductor_config.reorder_for_compute_comm_overlap_passes = ["reorder_compute_for_overlap"]
 
 
-def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 2) -> None:
+def apply_batch_overlap(blocks: nn.ModuleDict, *, chunks: int = 2) -> None:
     """Run each block's micro-batch as `chunks` batch chunks interleaved sublayer by sublayer (DeepSpeed Domino,
     Wang et al. 2024, "Domino: Eliminating Communication in LLM Training via Generic Tensor Slicing and
     Overlapping", its batch split only).
@@ -112,8 +112,8 @@ def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 
     nothing c1 computes waits for c0's all-reduce: the collective runs on the communication stream while
     c1's GEMMs run, and backward (autograd follows the reverse order) interleaves the same way. The
     collectives are ordinary async ones. Eager, DTensor's functional all-reduce is waited at its first use.
-    Traced, the wait follows the collective at once, so with `compiled` this turns on Inductor's
-    compute/communication reordering for the process (`enable_comm_reordering`). The price is GEMMs on half
+    Traced, the wait follows the collective at once, so compiled blocks need Inductor's compute/communication
+    reordering (`enable_comm_reordering`; the engine turns it on with this option). The price is GEMMs on half
     the rows. Sequence parallelism has an all-gather *before* each sublayer's GEMMs, on the critical path of its
     own chunk, so the option requires it off (checked in config).
 
@@ -122,8 +122,6 @@ def apply_batch_overlap(blocks: nn.ModuleDict, *, compiled: bool, chunks: int = 
     fuses both halves' residual add + RMSNorm into one kernel (they share the norm weight), which waits for both
     attention all-reduces, so the second half's is not hidden; the halved GEMMs cost the rest.
     """
-    if compiled:
-        enable_comm_reordering()
     for name, block in blocks.items():
         if not hasattr(block, "batch_chunks"):
             raise ValueError(

@@ -53,7 +53,7 @@ def _grads(
         sequence_parallel=sequence_parallel,
     )
     if batch_overlap:
-        apply_batch_overlap(model.layers, compiled=False)
+        apply_batch_overlap(model.layers)
     model.ops.loss = vocab_parallel_linear_cross_entropy
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
@@ -116,7 +116,7 @@ def _compiled_block_order(rank: int, world_size: int, reorder: bool) -> list[str
     with torch.device("meta"):
         model = Llama(ModelConfig(**CFG))
     apply_tp(model, init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)), sequence_parallel=False)
-    apply_batch_overlap(model.layers, compiled=False)
+    apply_batch_overlap(model.layers)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
     block = model.layers["0"]
