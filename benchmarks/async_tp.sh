@@ -10,6 +10,10 @@
 #   batch_overlap  no_sp + each block's batch in two halves interleaved (parallel.tp_batch_overlap)
 #   plain_reorder  plain + Inductor's compute/communication reordering (parallel.tp_comm_reorder)
 #   async_reorder  async + the reordering
+#   plain_tn, no_sp_reorder_tn, batch_overlap_tn, async_tn
+#                  the mode with the Triton RMSNorm (kernels.rmsnorm=triton): an opaque kernel, so Inductor
+#                  cannot fuse batch_overlap's two halves' norms into one that waits for both all-reduces
+#   *_ch8          the mode with NCCL limited to 8 channels (fewer SMs taken from the GEMMs it overlaps)
 # Variants (modes "plain async" unless noted):
 #   base      the recipe as is
 #   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
@@ -38,7 +42,10 @@ for variant in ${VARIANTS:-base reorder mb8}; do
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
   for mode in ${MODES:-$modes}; do
-    case $mode in
+    env=() base=$mode
+    case $base in *_ch8) env=(NCCL_MAX_NCHANNELS=8) base=${base%_ch8} ;; esac
+    case $base in *_tn) base=${base%_tn} ;; esac
+    case $base in
       plain) flags=(parallel.async_tp=false) ;;
       async) flags=(parallel.async_tp=true) ;;
       no_sp) flags=(parallel.sequence_parallel=false) ;;
@@ -47,8 +54,9 @@ for variant in ${VARIANTS:-base reorder mb8}; do
       plain_reorder) flags=("${reorder[@]}" parallel.async_tp=false) ;;
       async_reorder) flags=("${reorder[@]}" parallel.async_tp=true) ;;
     esac
+    case $mode in *_tn|*_tn_ch8) flags+=(kernels.rmsnorm=triton) ;; esac
     [ -n "${TRACE:-}" ] && flags=(--trace "$OUT/trace_${mode}_$variant.json" "${flags[@]}")
-    timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
+    timeout "${LIMIT:-170}" env "${env[@]}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
       "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3

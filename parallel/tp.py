@@ -22,9 +22,13 @@ Without sequence parallelism the residual stream is replicated and the block bou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn as nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -35,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from treadle.models.lora import LoRALinear
+from treadle.models.ops import rmsnorm_torch
 
 
 def _distribute_own(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
@@ -73,6 +78,55 @@ def _colwise(module: nn.Module) -> ColwiseParallel:
 
 def _rowwise(module: nn.Module, **kwargs: Placement) -> RowwiseParallel:
     return LoRARowwiseParallel(**kwargs) if isinstance(module, LoRALinear) else RowwiseParallel(**kwargs)
+
+
+class LocalRowsNorm:
+    """A row-wise norm implementation (`ops.rmsnorm`: x [..., E], weight [E], eps) run on local tensors under TP.
+
+    Kernels that launch Triton themselves (`kernels.rmsnorm=triton`) cannot take DTensors: eager they would read
+    the wrong storage, and traced the kernel wrapper refuses them. Rows are independent, so each rank normalises
+    its local rows with its local copy of the (replicated) weight and the output keeps x's placements. The
+    weight's gradient is each rank's sum over its own rows: Partial wherever x is sharded (the sequence-parallel
+    residual stream), as DTensor's own norm gives it; Replicate where x is replicated."""
+
+    def __init__(self, norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]):
+        self.norm = norm
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not isinstance(x, DTensor):
+            return self.norm(_waited(x), _waited(_local(weight, [Replicate()])), eps)
+        if any(p.is_partial() or p.is_shard(x.ndim - 1) for p in x.placements):
+            raise ValueError(f"a norm input placed as {x.placements} is not supported: rows must be whole")
+        if isinstance(weight, DTensor) and weight.device_mesh != x.device_mesh:
+            raise ValueError("a norm's weight and input must share one device mesh")
+        grad_placements = [Replicate() if p.is_replicate() else Partial() for p in x.placements]
+        y = self.norm(_waited(x.to_local()), _waited(_local(weight, grad_placements)), eps)
+        return DTensor.from_local(y, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
+
+
+def _local(weight: torch.Tensor, grad_placements: list[Placement]) -> torch.Tensor:
+    if not isinstance(weight, DTensor):
+        return weight
+    if not all(p.is_replicate() for p in weight.placements):
+        raise ValueError(f"a norm weight sharded as {weight.placements} is not supported; it must be replicated")
+    return weight.to_local(grad_placements=grad_placements)
+
+
+class _Wait(torch.autograd.Function):
+    """The tensor inside an `AsyncCollectiveTensor` (eager DTensor's output while its collective is in flight),
+    waited for, with the gradient passing through: kernels that launch Triton read the storage directly."""
+
+    @staticmethod
+    def forward(ctx, t: AsyncCollectiveTensor) -> torch.Tensor:  # type: ignore[override]
+        return t.wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    return _Wait.apply(t) if isinstance(t, AsyncCollectiveTensor) else t
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:
@@ -147,6 +201,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) 
     if model.lm_head is not None:
         root_plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, root_plan)
+    # DTensor runs the torch norm itself; any other implementation runs on the local rows.
+    if model.ops.rmsnorm is not rmsnorm_torch and not isinstance(model.ops.rmsnorm, LocalRowsNorm):
+        model.ops.rmsnorm = LocalRowsNorm(model.ops.rmsnorm)
     if norm_style is not None:
         parallelize_module(model.norm, tp_mesh, norm_style)
     for block in model.layers.values():

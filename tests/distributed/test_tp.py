@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from treadle.models.llama import Llama, ModelConfig
+from treadle.models.ops import KernelsConfig
 from treadle.parallel.fp8 import Float8Config, convert_to_float8
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
 from treadle.parallel.tp import apply_batch_overlap, apply_tp
@@ -28,6 +29,7 @@ def _grads(
     tie: bool,
     fp8: str | None = None,
     batch_overlap: bool = False,
+    rmsnorm: str = "torch",
 ) -> dict[str, float]:
     torch.manual_seed(0)
     tokens = torch.randint(0, 96, (2, 16))
@@ -37,14 +39,15 @@ def _grads(
 
     # FP8 (emulated): every block linear on both sides; the TP side must quantise with the same scales.
     fp8_cfg = Float8Config(enabled=fp8 is not None, recipe=fp8 or "tensorwise", emulate=True)
-    twin = Llama(cfg)
+    kernels = KernelsConfig(rmsnorm=rmsnorm)
+    twin = Llama(cfg, kernels)
     twin.init_weights(seed=7)
     convert_to_float8(twin, fp8_cfg, torch.device("cpu"))
     loss, _ = twin(tokens, labels_BS=labels)
     loss.backward()
 
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(cfg, kernels)
     converted = convert_to_float8(model, fp8_cfg, torch.device("cpu"))
     assert (fp8 is None) == (not converted)
     apply_tp(
@@ -89,6 +92,16 @@ def test_tp_batch_overlap_gradients_match_the_unsharded_twin(tie):
     """TP without SP, each block's batch in two chunks interleaved sublayer by sublayer (parallel.tp_batch_overlap)."""
     errors = run_distributed(_grads, 2, False, tie, None, True)[0]
     assert errors["order"] == 0.0
+    assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_tp_with_the_triton_rmsnorm_matches_the_unsharded_twin(sequence_parallel):
+    """kernels.rmsnorm=triton under TP: the kernel runs on each rank's local rows (parallel/tp.py's LocalRowsNorm),
+    never on a DTensor or on a collective's output still in flight (eager, without SP), and the norm weights'
+    gradients are summed over the sequence shards with SP."""
+    errors = run_distributed(_grads, 2, sequence_parallel, False, None, False, "triton")[0]
+    assert len(errors) > 10
     assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
 
 
