@@ -108,7 +108,9 @@ def _local(weight: torch.Tensor, grad_placements: list[Placement]) -> torch.Tens
     if not isinstance(weight, DTensor):
         return weight
     if not all(p.is_replicate() for p in weight.placements):
-        raise ValueError(f"a norm weight sharded as {weight.placements} is not supported; it must be replicated")
+        raise ValueError(
+            f"a norm weight sharded as {weight.placements} is not supported; it must be replicated"
+        )
     return weight.to_local(grad_placements=grad_placements)
 
 
