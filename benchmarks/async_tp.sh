@@ -13,7 +13,8 @@
 #   plain_tn, no_sp_reorder_tn, batch_overlap_tn, async_tn
 #                  the mode with the Triton RMSNorm (kernels.rmsnorm=triton): an opaque kernel, so Inductor
 #                  cannot fuse batch_overlap's two halves' norms into one that waits for both all-reduces
-#   *_ch8          the mode with NCCL limited to 8 channels (fewer SMs taken from the GEMMs it overlaps)
+#   *_ctasN        the mode with the TP group's NCCL collectives on at most N CTAs (parallel.tp_comm_max_ctas=N:
+#                  fewer SMs taken from the GEMMs they overlap), e.g. batch_overlap_ctas8, plain_tn_ctas8
 # Variants (modes "plain async" unless noted):
 #   base      the recipe as is
 #   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
@@ -42,8 +43,8 @@ for variant in ${VARIANTS:-base reorder mb8}; do
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
   for mode in ${MODES:-$modes}; do
-    env=() base=$mode
-    case $base in *_ch8) env=(NCCL_MAX_NCHANNELS=8) base=${base%_ch8} ;; esac
+    base=$mode ctas=()
+    case $base in *_ctas*) ctas=(parallel.tp_comm_max_ctas=${base##*_ctas}) base=${base%_ctas*} ;; esac
     case $base in *_tn) base=${base%_tn} ;; esac
     case $base in
       plain) flags=(parallel.async_tp=false) ;;
@@ -54,9 +55,10 @@ for variant in ${VARIANTS:-base reorder mb8}; do
       plain_reorder) flags=("${reorder[@]}" parallel.async_tp=false) ;;
       async_reorder) flags=("${reorder[@]}" parallel.async_tp=true) ;;
     esac
-    case $mode in *_tn|*_tn_ch8) flags+=(kernels.rmsnorm=triton) ;; esac
+    case $mode in *_tn|*_tn_ctas*) flags+=(kernels.rmsnorm=triton) ;; esac
+    flags+=("${ctas[@]}")
     [ -n "${TRACE:-}" ] && flags=(--trace "$OUT/trace_${mode}_$variant.json" "${flags[@]}")
-    timeout "${LIMIT:-170}" env "${env[@]}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
+    timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
       "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3

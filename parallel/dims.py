@@ -47,6 +47,10 @@ class ParallelConfig:
     # gradient GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.02-1.03x, no SP
     # 1.02-1.07x against TP+SP without it (README).
     tp_comm_reorder: bool = False
+    # with tp > 1 on GPUs: the most CTAs (thread blocks, one per channel, each on an SM) NCCL runs the TP group's
+    # collectives on; 0 leaves it to NCCL. Fewer leave more SMs to the GEMMs that overlapped collectives run
+    # beside (tp_batch_overlap, tp_comm_reorder), at some bandwidth. 1B, TP=2, 2 H200s: README.
+    tp_comm_max_ctas: int = 0
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
@@ -103,10 +107,16 @@ class ParallelDims:
     def fsdp_size(self) -> int:
         return self.dp_shard * self.cp
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """Create the world mesh and its flattened views (collective: every rank must call it)."""
+    def build_mesh(self, device_type: str, *, tp_comm_max_ctas: int = 0) -> DeviceMesh:
+        """Create the world mesh and its flattened views (collective: every rank must call it).
+        `tp_comm_max_ctas` > 0 (NCCL only): the TP group's communicator runs on at most that many CTAs."""
         shape = tuple(getattr(self, axis) for axis in AXES)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+        kwargs = {}
+        if tp_comm_max_ctas > 0 and self.tp > 1:
+            options = torch.distributed.ProcessGroupNCCL.Options()
+            options.config.max_ctas = tp_comm_max_ctas
+            kwargs["backend_override"] = {"tp": ("nccl", options)}
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES, **kwargs)
         # Flattened views are kept here rather than sliced from the root later (torch deprecates that).
         self._flat = {
             "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),

@@ -95,7 +95,7 @@ class NativeEngine:
             if self.cfg.tp_batch_overlap:
                 apply_batch_overlap(model.layers)
             if self.cfg.compile and (self.cfg.tp_comm_reorder or self.cfg.tp_batch_overlap):
-                enable_comm_reordering()
+                enable_comm_reordering(batch_chunks=self.cfg.tp_batch_overlap)
         if self.dims.cp > 1:
             apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)

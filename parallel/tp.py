@@ -143,18 +143,28 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
     enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
-def enable_comm_reordering() -> None:
+def enable_comm_reordering(*, batch_chunks: bool = False) -> None:
     """Let Inductor reorder compiled graphs for compute/communication overlap, for the whole process: each
     collective is issued as soon as its input exists, its wait sunk to the first use of its result, and compute
     that depends on neither placed in between (the `reorder_compute_for_overlap` pass). Traced functional
     collectives are otherwise waited at once, so nothing overlaps them. The flag alone does nothing: Inductor
     runs the passes of `reorder_for_compute_comm_overlap_passes`, empty by default; a list set by the user is
-    kept."""
+    kept.
+
+    `batch_chunks` (blocks run as interleaved batch chunks, `apply_batch_overlap`): also keep the chunks' kernels
+    apart. Inductor fuses kernels that only share a small read, such as both chunks' RMSNorms (they read the same
+    weight); that one kernel then waits for both chunks' attention all-reduces, and the second is no longer
+    hidden behind the first chunk's MLP. Fusions that save less than 1 MiB of memory traffic are skipped
+    (`score_fusion_memory_threshold`, 10 bytes by default), for the whole process; a producer and its consumer
+    share their intermediate, far larger, and still fuse."""
     import torch._inductor.config as inductor_config
 
     inductor_config.reorder_for_compute_comm_overlap = True
     if not inductor_config.reorder_for_compute_comm_overlap_passes:
         inductor_config.reorder_for_compute_comm_overlap_passes = ["reorder_compute_for_overlap"]
+    if batch_chunks:
+        threshold = inductor_config.score_fusion_memory_threshold
+        inductor_config.score_fusion_memory_threshold = max(threshold, 1 << 20)
 
 
 def apply_batch_overlap(blocks: nn.ModuleDict, *, chunks: int = 2) -> None:

@@ -87,7 +87,7 @@ def world_size_from_env() -> int:
 
 def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) -> Trainer:
     rank = dist.get_rank()
-    dims.build_mesh(device.type)
+    dims.build_mesh(device.type, tp_comm_max_ctas=cfg.parallel.tp_comm_max_ctas)
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.run.dir)
     if rank == 0:

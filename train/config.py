@@ -170,6 +170,16 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
             "and parallel.compile=true",
             stacklevel=3,
         )
+    if cfg.parallel.tp_comm_max_ctas:
+        on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+        _check(
+            cfg.parallel.tp_comm_max_ctas > 0 and not on_cpu and cfg.parallel.backend in ("auto", "nccl"),
+            f"parallel.tp_comm_max_ctas={cfg.parallel.tp_comm_max_ctas} limits NCCL's thread blocks for the TP "
+            "group: it needs a positive count and NCCL (GPUs, parallel.backend auto or nccl); fix: set "
+            "parallel.tp_comm_max_ctas=0",
+        )
+        if dims.tp == 1:
+            warnings.warn("parallel.tp_comm_max_ctas has no effect with parallel.tp=1", stacklevel=3)
     _check(
         dims.tp == 1
         or cfg.peft.method == "none"

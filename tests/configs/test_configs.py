@@ -218,6 +218,20 @@ def test_tp_batch_overlap_refuses_what_it_cannot_overlap(overrides, message):
         validate(cfg, world_size=2)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp_comm_max_ctas=-1", "run.device=cuda"], "needs a positive count and NCCL"),
+        (["parallel.tp_comm_max_ctas=8", "run.device=cpu"], "needs a positive count and NCCL"),
+        (["parallel.tp_comm_max_ctas=8", "run.device=cuda", "parallel.backend=gloo"], "fix: set"),
+    ],
+)
+def test_tp_comm_max_ctas_needs_nccl(overrides, message):
+    cfg = load_config(["parallel.tp=2", *overrides])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=2)
+
+
 def test_async_tp_needs_compile():
     cfg = load_config(["parallel.tp=2", "parallel.async_tp=true", "run.device=cuda"])
     with pytest.raises(ValueError, match="needs parallel.compile=true"):

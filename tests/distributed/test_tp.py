@@ -115,9 +115,9 @@ def test_fp8_tp_gradients_match_the_unsharded_fp8_twin(recipe):
     assert max(errors.values()) < 1e-4, {k: v for k, v in errors.items() if v >= 1e-4}
 
 
-def _compiled_block_order(rank: int, world_size: int, reorder: bool) -> list[str]:
-    """Inductor's generated forward of one compiled, batch-chunked TP block (no SP): the sequence of its
-    collectives, waits and matmuls."""
+def _compiled_block_order(rank: int, world_size: int, mode: str) -> list[str]:
+    """Inductor's generated forward of one compiled, batch-chunked TP block (no SP) under `mode`'s settings: the
+    sequence of its collectives, waits and matmuls."""
     import re
 
     import torch._inductor.config as inductor_config
@@ -136,24 +136,34 @@ def _compiled_block_order(rank: int, world_size: int, reorder: bool) -> list[str
     x = torch.randn(2, 16, CFG["dim"])
     cos, sin = model.rope_tables(torch.arange(16)[None])
     with inductor_config.patch(
-        reorder_for_compute_comm_overlap=False, reorder_for_compute_comm_overlap_passes=[]
+        reorder_for_compute_comm_overlap=False,
+        reorder_for_compute_comm_overlap_passes=[],
+        score_fusion_memory_threshold=inductor_config.score_fusion_memory_threshold,
     ):
-        if reorder:
-            enable_comm_reordering()
+        if mode != "none":  # what the engine sets for tp_comm_reorder, and for tp_batch_overlap
+            enable_comm_reordering(batch_chunks=mode == "batch_overlap")
         torch._dynamo.reset()
         _, codes = run_and_get_code(torch.compile(block), x, cos, sin, None)
     calls = re.findall(r"(all_reduce_|wait_tensor)\.default\(|extern_kernels\.(mm)\(", "\n".join(codes))
     return [collective or matmul for collective, matmul in calls]
 
 
-@pytest.mark.parametrize("reorder", [True, False])
-def test_comm_reordering_puts_the_other_halfs_matmuls_between_an_all_reduce_and_its_wait(reorder):
-    """parallel.tp_comm_reorder (and tp_batch_overlap under compile): the first half's all-reduces (attention's,
-    the MLP's) are issued before some of the second half's matmuls and waited after them. Without the reordering
-    passes Inductor waits at once (the flag `reorder_for_compute_comm_overlap` alone runs no pass)."""
-    calls = run_distributed(_compiled_block_order, 2, reorder)[0]
+@pytest.mark.parametrize("mode", ["none", "reorder", "batch_overlap"])
+def test_comm_reordering_puts_the_other_halfs_matmuls_between_an_all_reduce_and_its_wait(mode):
+    """All-reduces in issue order: attention's of halves 0 and 1, then the MLP's of halves 0 and 1.
+    - none: Inductor waits each at once (the flag `reorder_for_compute_comm_overlap` alone runs no pass).
+    - reorder (parallel.tp_comm_reorder): the first half's are issued before some of the second half's matmuls
+      and waited after them. The second half's attention all-reduce is still waited at once: both halves'
+      RMSNorms, which share their weight, are fused into one kernel that needs it.
+    - batch_overlap (tp_batch_overlap under compile): the halves' kernels are kept apart, so the second half's
+      attention all-reduce runs beside the first half's MLP matmuls too. Only the last all-reduce has nothing
+      after it in the block."""
+    calls = run_distributed(_compiled_block_order, 2, mode)[0]
     issued = [i for i, call in enumerate(calls) if call == "all_reduce_"]
-    in_flight = [calls[i + 1 : calls.index("wait_tensor", i)].count("mm") for i in issued]
-    assert len(issued) == 4, calls
-    first_half = in_flight[0::2]
-    assert all(first_half) if reorder else not any(in_flight), calls
+    in_flight = [calls[i + 1 : calls.index("wait_tensor", i)].count("mm") > 0 for i in issued]
+    expected = {
+        "none": [False] * 4,
+        "reorder": [True, False, True, False],
+        "batch_overlap": [True, True, True, False],
+    }
+    assert in_flight == expected[mode], calls
