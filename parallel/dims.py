@@ -39,17 +39,17 @@ class ParallelConfig:
     # with tp > 1, sequence_parallel=false: each block runs its micro-batch as two halves interleaved sublayer by
     # sublayer (attention of both, then MLP of both), so one half's TP all-reduce can run while the other half's
     # GEMMs do (DeepSpeed Domino's batch split); plain collectives, eager or compiled (then with tp_comm_reorder's
-    # reordering, whatever that key says). 1B, TP=2 on 2 H200s: 0.82-1.04x TP+SP, behind or level with
-    # tp_comm_reorder alone: README.
+    # reordering, whatever that key says, and the halves' kernels kept apart). 1B, TP=2 on 2 H200s: 1.03-1.06x
+    # TP+SP, level with tp_comm_reorder alone: README.
     tp_batch_overlap: bool = False
     # with tp > 1 and compile: Inductor reorders each compiled block so a TP collective runs beside compute that
     # does not need it (e.g. without SP, in backward, the activation gradient's all-reduce beside the weight-
     # gradient GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.02-1.03x, no SP
-    # 1.02-1.07x against TP+SP without it (README).
+    # 1.02-1.08x against TP+SP without it (README).
     tp_comm_reorder: bool = False
     # with tp > 1 on GPUs: the most CTAs (thread blocks, one per channel, each on an SM) NCCL runs the TP group's
     # collectives on; 0 leaves it to NCCL. Fewer leave more SMs to the GEMMs that overlapped collectives run
-    # beside (tp_batch_overlap, tp_comm_reorder), at some bandwidth. 1B, TP=2, 2 H200s: README.
+    # beside (tp_batch_overlap, tp_comm_reorder), at some bandwidth. 1B, TP=2, 2 H200s: no consistent gain (README).
     tp_comm_max_ctas: int = 0
     cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
     compile: bool = False  # torch.compile each transformer block

@@ -183,10 +183,10 @@ def apply_batch_overlap(blocks: nn.ModuleDict, *, chunks: int = 2) -> None:
     the rows. Sequence parallelism has an all-gather *before* each sublayer's GEMMs, on the critical path of its
     own chunk, so the option requires it off (checked in config).
 
-    Measured (2 H200s, 1B, seq 4096, compiled; benchmarks/async_tp.sh), against plain TP+SP: 0.82-1.03x at
-    micro-batch 4 and 1.04x at 8, where TP without SP under the same reordering is 1.02-1.07x. Inductor still
-    fuses both halves' residual add + RMSNorm into one kernel (they share the norm weight), which waits for both
-    attention all-reduces, so the second half's is not hidden; the halved GEMMs cost the rest.
+    Measured (2 H200s, 1B, seq 4096, compiled; benchmarks/async_tp.sh), against plain TP+SP: 1.03-1.06x at
+    micro-batch 4 and 1.03x at 8, where TP without SP under the same reordering is 1.02-1.08x. Exposed
+    communication falls to 8-10 ms/step from 24-34, but the GEMMs slow down beside the all-reduces and at
+    micro-batch 4 the host, not the GPU, sets the step time.
     """
     for name, block in blocks.items():
         if not hasattr(block, "batch_chunks"):
