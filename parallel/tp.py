@@ -94,13 +94,13 @@ class LocalRowsNorm:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not isinstance(x, DTensor):
-            return self.norm(_waited(x), _waited(_local(weight, [Replicate()])), eps)
+            return self.norm(_waited(x), _local(weight, [Replicate()]), eps)
         if any(p.is_partial() or p.is_shard(x.ndim - 1) for p in x.placements):
             raise ValueError(f"a norm input placed as {x.placements} is not supported: rows must be whole")
         if isinstance(weight, DTensor) and weight.device_mesh != x.device_mesh:
             raise ValueError("a norm's weight and input must share one device mesh")
         grad_placements = [Replicate() if p.is_replicate() else Partial() for p in x.placements]
-        y = self.norm(_waited(x.to_local()), _waited(_local(weight, grad_placements)), eps)
+        y = self.norm(_waited(x.to_local()), _local(weight, grad_placements), eps)
         return DTensor.from_local(y, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
 
 

@@ -74,6 +74,10 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="treadle_schema", node=TrainConfig)
 
 
+def _on_cpu(cfg: TrainConfig) -> bool:
+    return cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -111,8 +115,7 @@ def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"memory.param_offload={cfg.memory.param_offload} is FSDP2's CPUOffloadPolicy, in the native engine "
         f"only; fix: set parallel.engine=native",
     )
-    on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and cfg.memory.param_offload != "none":
+    if _on_cpu(cfg) and cfg.memory.param_offload != "none":
         warnings.warn(
             "memory.param_offload=cpu has no effect on a CPU run: parameters already live in host memory",
             stacklevel=3,
@@ -137,9 +140,8 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"(load-balanced causal sharding splits each sequence into 2·cp chunks)",
     )
     if cfg.parallel.async_tp:
-        on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
         _check(
-            not on_cpu,
+            not _on_cpu(cfg),
             "parallel.async_tp=true needs CUDA GPUs (it exchanges matmul chunks through GPU symmetric memory) and "
             "cannot run on the CPU; fix: set parallel.async_tp=false",
         )
@@ -171,9 +173,10 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
             stacklevel=3,
         )
     if cfg.parallel.tp_comm_max_ctas:
-        on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
         _check(
-            cfg.parallel.tp_comm_max_ctas > 0 and not on_cpu and cfg.parallel.backend in ("auto", "nccl"),
+            cfg.parallel.tp_comm_max_ctas > 0
+            and not _on_cpu(cfg)
+            and cfg.parallel.backend in ("auto", "nccl"),
             f"parallel.tp_comm_max_ctas={cfg.parallel.tp_comm_max_ctas} limits NCCL's thread blocks for the TP "
             "group: it needs a positive count and NCCL (GPUs, parallel.backend auto or nccl); fix: set "
             "parallel.tp_comm_max_ctas=0",
