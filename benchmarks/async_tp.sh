@@ -20,6 +20,8 @@
 #   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
 #             reorder_compute_for_overlap: without a pass the flag does nothing)
 #   mb8       micro-batch 8 instead of 4 (larger GEMM chunks for the micro-pipeline)
+#   cudagraphs  + Inductor's CUDA graphs for the compiled blocks (triton.cudagraphs), to cut host time per
+#             step; measured 5x slower steps on every mode (2 H200s, torch 2.11): not usable as is
 #   overlap   modes "plain async no_sp batch_overlap"
 #   overlap_mb8  the same at micro-batch 8 (batch_overlap's GEMMs then run on 4 sequences, as plain's at mb 4)
 # $MODES, where set, replaces every variant's mode list (plain must stay in it: it is the baseline).
@@ -39,6 +41,7 @@ for variant in ${VARIANTS:-base reorder mb8}; do
   case $variant in
     reorder) extra=("${reorder[@]}") ;;
     mb8) mb=8 ;;
+    cudagraphs) extra=(--inductor triton.cudagraphs=True) ;;
     overlap) modes="plain async no_sp batch_overlap" ;;
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
