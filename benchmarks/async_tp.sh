@@ -5,20 +5,18 @@
 #   plain          TP + sequence parallelism, no overlap (the baseline)
 #   async          + torch's micro-pipelined async TP (parallel.async_tp, symmetric memory)
 #   no_sp          TP without sequence parallelism (all-reduces instead of all-gather/reduce-scatter pairs)
-#   no_sp_reorder  no_sp + Inductor's compute/communication reordering (what batch_overlap turns on, and
-#                  parallel.tp_comm_reorder)
+#   no_sp_reorder  no_sp + Inductor's compute/communication reordering (parallel.tp_comm_reorder; what
+#                  batch_overlap turns on itself)
 #   batch_overlap  no_sp + each block's batch in two halves interleaved (parallel.tp_batch_overlap)
 #   plain_reorder  plain + Inductor's compute/communication reordering (parallel.tp_comm_reorder)
 #   async_reorder  async + the reordering
 #   plain_tn, no_sp_reorder_tn, batch_overlap_tn, async_tn
-#                  the mode with the Triton RMSNorm (kernels.rmsnorm=triton): an opaque kernel, so Inductor
-#                  cannot fuse batch_overlap's two halves' norms into one that waits for both all-reduces
+#                  the mode with the Triton RMSNorm (kernels.rmsnorm=triton; under TP it runs on local rows)
 #   *_ctasN        the mode with the TP group's NCCL collectives on at most N CTAs (parallel.tp_comm_max_ctas=N:
 #                  fewer SMs taken from the GEMMs they overlap), e.g. batch_overlap_ctas8, plain_tn_ctas8
 # Variants (modes "plain async" unless noted):
 #   base      the recipe as is
-#   reorder   + Inductor's compute/communication reordering (reorder_for_compute_comm_overlap and its pass
-#             reorder_compute_for_overlap: without a pass the flag does nothing)
+#   reorder   + Inductor's compute/communication reordering (parallel.tp_comm_reorder)
 #   mb8       micro-batch 8 instead of 4 (larger GEMM chunks for the micro-pipeline)
 #   cudagraphs  + Inductor's CUDA graphs for the compiled blocks (triton.cudagraphs), to cut host time per
 #             step; measured 5x slower steps on every mode (2 H200s, torch 2.11): not usable as is
@@ -30,18 +28,17 @@
 # variant, through step.py --combine).
 #   OUT=/tmp/atp VARIANTS="base overlap" bash benchmarks/async_tp.sh
 set -u
-reorder=(--inductor reorder_for_compute_comm_overlap=True
-  --inductor "reorder_for_compute_comm_overlap_passes=['reorder_compute_for_overlap']")
+reorder=(parallel.tp_comm_reorder=true)
 OUT=${OUT:-/tmp/treadle_async_tp}
 mkdir -p "$OUT"
 for variant in ${VARIANTS:-base reorder mb8}; do
   summary=$OUT/summary_$variant.jsonl
   rm -f "$summary"
-  mb=4 extra=() modes="plain async"
+  mb=4 extra=() opts=() modes="plain async"
   case $variant in
     reorder) extra=("${reorder[@]}") ;;
     mb8) mb=8 ;;
-    cudagraphs) extra=(--inductor triton.cudagraphs=True) ;;
+    cudagraphs) opts=(--inductor triton.cudagraphs=True) ;;
     overlap) modes="plain async no_sp batch_overlap" ;;
     overlap_mb8) mb=8 modes="plain async no_sp batch_overlap" ;;
   esac
@@ -60,10 +57,11 @@ for variant in ${VARIANTS:-base reorder mb8}; do
     esac
     case $mode in *_tn|*_tn_ctas*) flags+=(kernels.rmsnorm=triton) ;; esac
     flags+=("${ctas[@]}")
-    [ -n "${TRACE:-}" ] && flags=(--trace "$OUT/trace_${mode}_$variant.json" "${flags[@]}")
+    trace=()
+    [ -n "${TRACE:-}" ] && trace=(--trace "$OUT/trace_${mode}_$variant.json")
     timeout "${LIMIT:-170}" python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/step.py \
       --summary "$summary" --steps "${STEPS:-20}" --warmup 3 --profile --name "tp2_${mode}_$variant" \
-      "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
+      "${opts[@]}" "${trace[@]}" "${extra[@]}" "${flags[@]}" parallel.tp=2 parallel.dp_shard=1 \
       trainer.micro_batch_size=$mb trainer.global_batch_size=$mb 2>&1 | grep -E "^# |Error|error:" | tail -3
   done
   grep -q "\"tp2_plain_$variant\"" "$summary" 2>/dev/null &&

@@ -74,10 +74,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="treadle_schema", node=TrainConfig)
 
 
-def _on_cpu(cfg: TrainConfig) -> bool:
-    return cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -115,7 +111,7 @@ def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"memory.param_offload={cfg.memory.param_offload} is FSDP2's CPUOffloadPolicy, in the native engine "
         f"only; fix: set parallel.engine=native",
     )
-    if _on_cpu(cfg) and cfg.memory.param_offload != "none":
+    if not _runs_on_cuda(cfg.run.device) and cfg.memory.param_offload != "none":
         warnings.warn(
             "memory.param_offload=cpu has no effect on a CPU run: parameters already live in host memory",
             stacklevel=3,
@@ -141,7 +137,7 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
     )
     if cfg.parallel.async_tp:
         _check(
-            not _on_cpu(cfg),
+            _runs_on_cuda(cfg.run.device),
             "parallel.async_tp=true needs CUDA GPUs (it exchanges matmul chunks through GPU symmetric memory) and "
             "cannot run on the CPU; fix: set parallel.async_tp=false",
         )
@@ -175,7 +171,7 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
     if cfg.parallel.tp_comm_max_ctas:
         _check(
             cfg.parallel.tp_comm_max_ctas > 0
-            and not _on_cpu(cfg)
+            and _runs_on_cuda(cfg.run.device)
             and cfg.parallel.backend in ("auto", "nccl"),
             f"parallel.tp_comm_max_ctas={cfg.parallel.tp_comm_max_ctas} limits NCCL's thread blocks for the TP "
             "group: it needs a positive count and NCCL (GPUs, parallel.backend auto or nccl); fix: set "
