@@ -6,16 +6,20 @@
 Each rank gets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE in its environment, so code
 under test that calls `init_process_group()` itself also works (pass `init=False`). A failure on any rank
 fails the caller with that rank's traceback, and the other ranks are terminated instead of being left in a
-collective.
+collective. A run that outlives `deadline_s` (a rank stuck outside any collective, e.g. waiting on a stale
+C++-extension build lock) fails with every rank's Python stack instead of hanging the test session.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
+import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +57,8 @@ def _worker(
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    # run_distributed asks a rank that overruns its deadline for its stack with SIGUSR1.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # N processes share the machine's cores; unbounded intra-op threads would oversubscribe them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if init:
@@ -84,21 +90,44 @@ def run_distributed(
     backend: str = "gloo",
     init: bool = True,
     timeout_s: float = 120.0,
+    deadline_s: float = 900.0,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes; returns their results by rank.
 
     `fn` and `args` must be picklable (`fn` defined at module level). `timeout_s` bounds every collective,
-    so a rank stuck waiting for a peer fails instead of hanging the test run.
+    so a rank stuck waiting for a peer fails instead of hanging the test run; `deadline_s` bounds the whole
+    run (DeepSpeed's first use compiles its C++ ops, a few minutes on two cores, hence the margin).
     """
     with tempfile.TemporaryDirectory(prefix="treadle_spawn_") as result_dir:
-        mp.spawn(
+        context = mp.spawn(
             _worker,
             args=(fn, world_size, free_port(), backend, init, timeout_s, result_dir, args),
             nprocs=world_size,
-            join=True,
+            join=False,
         )
+        deadline = time.monotonic() + deadline_s
+        while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                _fail_overdue(context, deadline_s)
         results = []
         for rank in range(world_size):
             with open(Path(result_dir) / f"rank{rank}.pkl", "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _fail_overdue(context: mp.ProcessContext, deadline_s: float) -> None:
+    """Print every live rank's stack (faulthandler, to the inherited stderr), stop the ranks, and fail."""
+    alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+    for rank in alive:
+        os.kill(context.processes[rank].pid, signal.SIGUSR1)
+    time.sleep(2.0)  # let the stacks reach stderr before the processes go
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+    raise TimeoutError(
+        f"ranks {alive} still running after {deadline_s:.0f} s; their Python stacks are printed above "
+        "(a rank waiting in torch/utils/file_baton.py is blocked by a stale C++-extension build lock: delete "
+        "the `lock` file in TORCH_EXTENSIONS_DIR's op folder)"
+    )
