@@ -93,27 +93,33 @@ def import_deepspeed(device: torch.device) -> Any:
         raise ValueError(
             "parallel.engine=deepspeed needs the deepspeed package; fix: pip install -e '.[deepspeed]'"
         ) from err
-    for lock in stale_build_locks():
+    for lock, age_s in stale_build_locks().items():
         logger.warning(
             "%s is %.0f min old: a DeepSpeed op build that was killed leaves this lock, and every later build of "
             "the op waits on it without end; fix: if no other process is building that op, delete the file",
             lock,
-            (time.time() - lock.stat().st_mtime) / 60,
+            age_s / 60,
         )
     return deepspeed
 
 
-def stale_build_locks(max_age_s: float = 600.0) -> list[Path]:
-    """`lock` files older than `max_age_s` in torch's C++-extension build folders, where DeepSpeed JIT-builds its
-    ops (cpu_adam, async_io, ...). torch holds the lock for one build, a few minutes at most, and never removes
-    it when the building process is killed."""
+def stale_build_locks(max_age_s: float = 600.0) -> dict[Path, float]:
+    """`lock` files older than `max_age_s` in torch's C++-extension build folders (where DeepSpeed JIT-builds its
+    ops: cpu_adam, async_io, ...), with their ages in seconds. torch holds the lock for one build, a few minutes
+    at most, and never removes it when the building process is killed."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now, stale = time.time(), {}
     # <root>/<op>/lock with TORCH_EXTENSIONS_DIR set, <root>/py311_cu130/<op>/lock without.
-    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
-    now = time.time()
-    return sorted(lock for lock in locks if now - lock.stat().st_mtime > max_age_s)
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age_s = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build finished meanwhile
+            continue
+        if age_s > max_age_s:
+            stale[lock] = age_s
+    return stale
 
 
 class DeepSpeedEngine:

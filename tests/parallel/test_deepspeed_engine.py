@@ -25,7 +25,7 @@ def test_a_killed_builds_lock_is_named_and_a_fresh_one_is_not(tmp_path, monkeypa
     stale = _lock(tmp_path / "async_io" / "lock", age_s=3 * 3600)
     _lock(tmp_path / "cpu_adam" / "lock", age_s=5)  # another rank building right now
     (tmp_path / "pin_memory").mkdir()  # built, unlocked
-    assert stale_build_locks() == [stale]
+    assert list(stale_build_locks()) == [stale]
 
 
 def test_import_warns_about_a_stale_lock(tmp_path, monkeypatch, caplog):
