@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -106,7 +106,8 @@ def run_distributed(
             join=False,
         )
         deadline = time.monotonic() + deadline_s
-        while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        # join returns at each rank's exit (False while others run) or when the time left is up.
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 _fail_overdue(context, deadline_s)
         results = []
@@ -116,7 +117,7 @@ def run_distributed(
         return results
 
 
-def _fail_overdue(context: mp.ProcessContext, deadline_s: float) -> None:
+def _fail_overdue(context: mp.ProcessContext, deadline_s: float) -> NoReturn:
     """Print every live rank's stack (faulthandler, to the inherited stderr), stop the ranks, and fail."""
     alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
     for rank in alive:
