@@ -77,8 +77,9 @@ from treadle.models.llama import ModelConfig, RopeScalingConfig
 from treadle.models.ops import KernelsConfig
 from treadle.optim.builder import build_scheduler
 from treadle.optim.config import OptimConfig, ScheduleConfig
-from treadle.parallel.dims import ParallelConfig, ParallelDims
-from treadle.parallel.engine import NativeEngine
+from treadle.parallel.config import ParallelConfig
+from treadle.parallel.dims import ParallelDims
+from treadle.parallel.engine import EngineSetup, NativeEngine
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fp8_torchao import TORCHAO_MISSING, torchao_available
 from treadle.train.data import DataConfig, StepLoader, build_datasets, prepare_data
@@ -191,20 +192,26 @@ def _build(
         train_data, global_batch_size=micro_batch * accum, micro_batch_size=micro_batch, dp_rank=0, dp_size=1,
         seed=seed, shuffle=True,
     )  # fmt: skip
+    kernels = KernelsConfig(**case.kernels)
+    spec = get_model_spec(model_cfg.name)
     with torch.device("meta"):
-        model = get_model_spec(model_cfg.name).build(model_cfg, KernelsConfig(**case.kernels))
-    engine = NativeEngine(
-        dims,
-        ParallelConfig(compile=case.compile and DEVICE.type == "cuda"),
-        MemoryConfig(**case.memory),
-        DEVICE,
-        seed,
-        Float8Config(enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise", backend=case.fp8_backend),
+        model = spec.build(model_cfg, kernels)
+    setup = EngineSetup(
+        dims=dims,
+        parallel=ParallelConfig(compile=case.compile and DEVICE.type == "cuda"),
+        memory=MemoryConfig(**case.memory),
+        kernels=kernels,
+        fp8=Float8Config(
+            enabled=case.fp8 is not None, recipe=case.fp8 or "tensorwise", backend=case.fp8_backend
+        ),
+        device=DEVICE,
+        seed=seed,
         grad_accum=accum,
     )
+    engine = NativeEngine(setup)
     schedule = ScheduleConfig(name="cosine", warmup_steps=max(1, total_steps // 10))
-    model, optimizer = engine.prepare(model, OptimConfig(name=case.optim, lr=lr, schedule=schedule))
-    return model, engine, build_scheduler(optimizer, schedule, total_steps), loader
+    (model,) = engine.prepare(spec, model_cfg, model, OptimConfig(name=case.optim, lr=lr, schedule=schedule))
+    return model, engine, build_scheduler(engine.optimizer, schedule, total_steps), loader
 
 
 def _step(model, engine, scheduler, loader, phases: dict | None = None) -> torch.Tensor:
@@ -223,13 +230,19 @@ def _step(model, engine, scheduler, loader, phases: dict | None = None) -> torch
 
     if phases is not None:
         phases["resting"] = torch.cuda.memory_allocated() / 2**30
-    for batch in micro_batches:
+    # The engine's forward_backward, one phase at a time: forward + loss, then backward; under parameter offload
+    # only the last micro-batch reduces gradients (NativeEngine.forward_backward says why).
+    defer_sync = engine.memory_cfg.param_offload == "cpu" and len(micro_batches) > 1
+    model.train()
+    for i, batch in enumerate(micro_batches):
         batch = batch.to(DEVICE, non_blocking=True)
+        if defer_sync:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         mark(None)
-        loss_sum, count = model(batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions)
+        loss_sum, count = engine.forward_loss(batch)
         loss = loss_sum / count / len(micro_batches)
         mark("forward")
-        engine.backward(loss)
+        loss.backward()
         mark("backward")
     engine.step()
     mark("optimizer_step")

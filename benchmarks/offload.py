@@ -62,12 +62,16 @@ def _param_count(size: str) -> int:
 def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
     """One case in this process (world of one); returns its measurements."""
     from treadle.memory.checkpointing import MemoryConfig
-    from treadle.models.llama import Llama, flops_per_token
+    from treadle.models.llama import SPEC, Llama, flops_per_token
+    from treadle.models.ops import KernelsConfig
     from treadle.optim.config import OptimConfig
+    from treadle.parallel.config import ParallelConfig
     from treadle.parallel.deepspeed_config import DeepSpeedConfig
-    from treadle.parallel.dims import ParallelConfig, ParallelDims
-    from treadle.parallel.engine import build_engine
+    from treadle.parallel.dims import ParallelDims
+    from treadle.parallel.engine import EngineSetup, build_engine
+    from treadle.parallel.fp8 import Float8Config
     from treadle.train.build import process_group
+    from treadle.train.data import Batch
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -113,11 +117,12 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
                     }
                 },
             )
-        engine = build_engine(
-            dims, parallel, memory, device, seed=0, micro_batch_size=args.micro_batch_size,
-            grad_accum=args.accum,
+        setup = EngineSetup(
+            dims=dims, parallel=parallel, memory=memory, kernels=KernelsConfig(), fp8=Float8Config(),
+            device=device, seed=0, micro_batch_size=args.micro_batch_size, grad_accum=args.accum,
         )  # fmt: skip
-        model, optimizer = engine.prepare(model, optim)
+        engine = build_engine(setup)
+        (model,) = engine.prepare(SPEC, cfg, model, optim)
         tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len + 1), device=device)
         times = []
         for i in range(args.steps):
@@ -125,9 +130,9 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             # One optimizer step over `accum` micro-batches: offload pays its transfers and host-side
             # update once per step, so the tokens per step decide how much of it the GEMMs can hide.
-            for _ in range(args.accum):
-                loss, count = model(tokens[:, :-1], labels_BS=tokens[:, 1:])
-                engine.backward(loss / (count * args.accum))
+            batch = Batch(tokens[:, :-1], tokens[:, 1:], None, None)
+            count = torch.tensor(float(args.micro_batch_size * args.seq_len * args.accum), device=device)
+            engine.forward_backward([batch] * args.accum, 1 / count)
             engine.step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 Shape legend: N rows (all leading dims flattened: tokens), E row width (model dim), P backward programs.
 
-Semantics are those of `treadle.models.ops.rmsnorm_torch` (Llama's): the row is normalised in fp32, rounded
+Semantics are those of `treadle.kernels.reference.rmsnorm_torch` (Llama's): the row is normalised in fp32, rounded
 to the input dtype, then multiplied by the weight in the dtype torch's promotion gives (`normed.to(x.dtype) *
 weight`), so a bf16 weight with bf16 input gives bf16 and an fp32 weight (FSDP without a param dtype) gives
 fp32. The kernels reproduce that intermediate rounding, which makes the forward match the reference to the
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.models.ops import rmsnorm_torch
+from treadle.kernels.reference import rmsnorm_torch
 
 __all__ = [
     "RMSNormFunction",

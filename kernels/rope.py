@@ -2,7 +2,7 @@
 
 Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim, d = D/2 rotated pairs.
 
-Semantics are `treadle.models.ops.rope_torch` (the Hugging Face Llama convention): with x = [x1, x2] split
+Semantics are `treadle.kernels.reference.rope_torch` (the Hugging Face Llama convention): with x = [x1, x2] split
 at d and the per-position angle θ_i of pair i,
     out1 = x1·cos θ − x2·sin θ          out2 = x2·cos θ + x1·sin θ
 computed in fp32 and rounded back to x's dtype. The model's tables `cos_BSD`/`sin_BSD` repeat every
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.models.ops import rope_torch
+from treadle.kernels.reference import rope_torch
 
 __all__ = ["RoPEFunction", "rope", "rope_op", "rope_reference"]
 

@@ -2,7 +2,7 @@
 
 Shape legend: N rows (all leading dims flattened: tokens), F MLP hidden width.
 
-Semantics are `treadle.models.ops.swiglu_torch`: torch computes silu in fp32 and rounds it to gate's dtype
+Semantics are `treadle.kernels.reference.swiglu_torch`: torch computes silu in fp32 and rounds it to gate's dtype
 before the product, so the kernel rounds there too and the forward matches to the last bit except where the
 two exp implementations differ in fp32. With σ = sigmoid(gate):
     d gate = dy · up · σ · (1 + gate · (1 − σ))          d up = dy · round(gate · σ)
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.models.ops import swiglu_torch
+from treadle.kernels.reference import swiglu_torch
 
 __all__ = ["SwiGLUFunction", "swiglu", "swiglu_op", "swiglu_reference"]
 

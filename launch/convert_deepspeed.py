@@ -38,8 +38,10 @@ def full_state_dict(path: Path, tag: str | None = None) -> dict[str, torch.Tenso
         tag = DS_TAG if (ds_dir / DS_TAG).is_dir() else None  # None: DeepSpeed reads its `latest` file
     if not ds_dir.is_dir():
         raise ValueError(f"{path} is neither a DeepSpeed checkpoint nor a step directory with {DS_SUBDIR}/")
+    from treadle.models.init import canonical_name
+
     state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    return {name: tensor.contiguous() for name, tensor in state.items()}
+    return {canonical_name(name): tensor.contiguous() for name, tensor in state.items()}
 
 
 def to_dcp(state: dict[str, torch.Tensor], out: Path) -> None:
@@ -54,12 +56,12 @@ def to_hf(state: dict[str, torch.Tensor], config: Path, out: Path, dtype: torch.
     """Through `treadle.models.hf.write_hf`, the same writer as every other Hugging Face export."""
     from omegaconf import OmegaConf
 
+    from treadle.models import get_model_spec
     from treadle.models.hf import write_hf
-    from treadle.models.llama import ModelConfig
 
-    model_cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(config).model)
-    )
+    saved = OmegaConf.load(config).model
+    spec = get_model_spec(saved.name)
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.config_cls), saved))
     write_hf(state.items(), model_cfg, out, dtype=dtype)
 
 

@@ -19,25 +19,22 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from treadle.models import get_model_spec
-from treadle.models.hf import export_hf
-from treadle.models.lora import apply_lora, export_peft
-from treadle.parallel.engine import NativeEngine
+from treadle.models.hf import export_hf, export_peft
 from treadle.parallel.fsdp import DTYPES
-from treadle.train.build import process_group, weight_loader
+from treadle.train.build import build_model, engine_for, process_group, weight_loader
 from treadle.train.checkpoint import CheckpointManager
-from treadle.train.config import TrainConfig, validate
+from treadle.train.config import TrainConfig, structured, validate
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ValueError(f"--run {run_dir}: no config.yaml there; pass the run.dir of a treadle run")
-    cfg: TrainConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
-    )
+    cfg: TrainConfig = OmegaConf.to_object(structured(OmegaConf.load(path)))
     # One CPU process: any saved layout is resharded into it.
     cfg.run.device = "cpu"
+    # The native engine loads the DCP checkpoint at any layout (DeepSpeed runs: launch/convert_deepspeed.py).
+    cfg.parallel.engine = "native"
     cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.cp = 1, -1, 1, 1
     cfg.parallel.compile, cfg.parallel.async_tp, cfg.parallel.param_dtype = False, False, "fp32"
     cfg.trainer.micro_batch_size = cfg.trainer.global_batch_size = 1
@@ -64,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     with process_group(device, "gloo"):
         dims.build_mesh("cpu")
-        with torch.device("meta"):
-            model = get_model_spec(cfg.model.name).build(cfg.model, cfg.kernels)
-        if cfg.peft.method == "lora":
-            apply_lora(model, cfg.peft)
-        engine = NativeEngine(dims, cfg.parallel, cfg.memory, device, cfg.trainer.seed)
-        engine.prepare(model, cfg.optim, weight_loader(cfg))
+        spec, model = build_model(cfg)
+        engine = engine_for(cfg, dims, device)
+        engine.prepare(spec, cfg.model, model, cfg.optim, weight_loader(cfg))
         base = {"base_model": cfg.model.pretrained} if cfg.peft.method != "none" else {}
         manager = CheckpointManager(cfg.checkpoint, rank=0, world_size=1, metadata=base)
         if args.checkpoint is not None:
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"export error: no complete checkpoint under {manager.root}; pass --checkpoint")
         dcp.load({"engine": engine}, checkpoint_id=str(path))
         if args.format == "peft":
-            out = export_peft(model, cfg.peft, args.out, base_model=cfg.model.pretrained)
+            out = export_peft(model, cfg.model, cfg.peft, args.out, base_model=cfg.model.pretrained)
         else:
             out = export_hf(model, cfg.model, args.out, dtype=DTYPES[args.dtype])
     print(f"exported {path} as {args.format} to {out}")

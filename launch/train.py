@@ -27,7 +27,7 @@ def main(raw: DictConfig) -> None:
     try:
         with preemption.stop_on_signals(), process_group(device, cfg.parallel.backend):
             trainer = build_trainer(cfg, dims, device)
-            if trainer.dims.mesh.get_rank() == 0:
+            if trainer.dims.mesh().get_rank() == 0:
                 print(OmegaConf.to_yaml(raw, resolve=True), flush=True)
             trainer.fit()
     except preemption.Preempted as stopped:

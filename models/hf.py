@@ -1,8 +1,6 @@
-"""Hugging Face checkpoints in and out: `config.json` + safetensors for Llama (2/3/3.1), Mistral, Qwen2 and Qwen3.
-
-Our Llama uses Hugging Face's parameter names under the `model.` prefix (`layers.3.self_attn.q_proj.weight` is
-`model.layers.3.self_attn.q_proj.weight`), the same rotate-half RoPE layout and the same GQA head order, so the
-adapter is a renaming: no permutation of q/k rows is needed.
+"""Hugging Face checkpoints in and out (`config.json` + safetensors), for every family: each family's spec has an
+adapter (its architectures, config.json fields and parameter names; e.g. models/llama/hf.py), and this file
+does the rest. A directory's `architectures` field picks the family that reads it.
 
 Loading runs after the parallel plans, on every rank: each parameter, sharded or not, reads only the slice of the
 checkpoint tensor that its local shard covers (`safe_open(...).get_slice` maps the file and copies just those
@@ -18,7 +16,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +25,18 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from treadle.models.init import canonical_name
-from treadle.models.llama import ModelConfig, RopeScalingConfig
-from treadle.models.lora import LoRALinear, merged_weight
+from treadle.models.lora import (
+    LoRALinear,
+    PeftConfig,
+    adapted_names,
+    adapter_state,
+    merged_weight,
+    peft_adapter_config,
+)
+from treadle.models.spec import HFAdapter, get_model_spec, load_builtin_families
 
 logger = logging.getLogger(__name__)
 
-# Hugging Face architecture name → (model_type, attention q/k/v bias, per-head q/k RMSNorm).
-ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
-    "LlamaForCausalLM": ("llama", False, False),
-    "MistralForCausalLM": ("mistral", False, False),
-    "Qwen2ForCausalLM": ("qwen2", True, False),
-    "Qwen3ForCausalLM": ("qwen3", False, True),
-}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files copied along with exported weights so that the export directory is a complete model directory.
@@ -53,8 +50,25 @@ TOKENIZER_FILES = (
 )
 
 
-def _fail(path: Path, field: str, problem: str, fix: str) -> ValueError:
+def hf_error(path: Path, field: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"model.pretrained: {path}: {field}: {problem}; {fix}")
+
+
+def _adapters() -> dict[str, HFAdapter]:
+    """Architecture name → the adapter of the family that reads it, over every registered family."""
+    return {
+        arch: spec.hf_adapter
+        for spec in load_builtin_families()
+        if spec.hf_adapter is not None
+        for arch in spec.hf_adapter.architectures
+    }
+
+
+def hf_adapter_for(architecture: str) -> HFAdapter:
+    adapters = _adapters()
+    if architecture not in adapters:
+        raise ValueError(f"no model family reads {architecture!r}; supported: {', '.join(adapters)}")
+    return adapters[architecture]
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
@@ -67,126 +81,50 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise _fail(path, "(file)", f"not valid JSON ({e})", "re-download or regenerate config.json") from e
+        raise hf_error(
+            path, "(file)", f"not valid JSON ({e})", "re-download or regenerate config.json"
+        ) from e
     architectures = config.get("architectures") or []
-    if not architectures or architectures[0] not in ARCHITECTURES:
-        raise _fail(
+    supported = _adapters()
+    if not architectures or architectures[0] not in supported:
+        raise hf_error(
             path,
             "architectures",
             f"{architectures or 'missing'} is not a supported architecture",
-            f"supported: {', '.join(ARCHITECTURES)}",
+            f"supported: {', '.join(supported)}",
         )
     return config
 
 
-def _rope(config: dict[str, Any], path: Path) -> tuple[float, RopeScalingConfig | None]:
-    """RoPE base and scaling from either layout: transformers 5 (`rope_parameters`) or 4 (`rope_theta` +
-    `rope_scaling`)."""
-    params = config.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    scaling = config.get("rope_scaling") or (
-        params if params.get("rope_type", "default") != "default" else None
-    )
-    if not scaling:
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        field = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
-        raise _fail(path, field, f"RoPE type {kind!r} is not supported", "supported: default, llama3")
-    return theta, RopeScalingConfig(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_seq_len=int(scaling["original_max_position_embeddings"]),
-    )
-
-
-def model_config_from_hf(base: ModelConfig) -> ModelConfig:
-    """`base` with every shape field taken from `base.pretrained`'s config.json (init settings kept)."""
+def model_config_from_hf(base: Any) -> Any:
+    """`base` (a family's model config with `pretrained` set) with every shape field taken from the directory's
+    config.json, by the adapter of the family that reads its architecture."""
     assert base.pretrained is not None
-    path = Path(base.pretrained).expanduser() / "config.json"
     config = read_hf_config(base.pretrained)
-    _, qkv_bias, qk_norm = ARCHITECTURES[config["architectures"][0]]
-    for field, allowed in (
-        ("hidden_act", ("silu",)),
-        ("attention_bias", (False,)),
-        ("mlp_bias", (False,)),
-    ):
-        if config.get(field, allowed[0]) not in allowed and not (field == "attention_bias" and qkv_bias):
-            raise _fail(path, field, f"{config.get(field)!r} is not supported", f"supported: {allowed}")
-    if qk_norm and config.get("attention_bias"):
-        raise _fail(path, "attention_bias", "true is not supported for Qwen3", "supported: false")
-    try:
-        theta, scaling = _rope(config, path)
-        num_heads = int(config["num_attention_heads"])
-        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        return replace(
-            base,
-            name="llama",
-            dim=int(config["hidden_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
-            vocab_size=int(config["vocab_size"]),
-            ffn_dim=int(config["intermediate_size"]),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_seq_len=int(config.get("max_position_embeddings", base.max_seq_len)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_head_dim=config.get("head_dim"),
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            sliding_window=int(window) if window else None,
+    adapter = hf_adapter_for(config["architectures"][0])
+    return adapter.config_from_hf(base, config, Path(base.pretrained).expanduser() / "config.json")
+
+
+def adapter_of(cfg: Any) -> HFAdapter:
+    """The Hugging Face adapter of the family `cfg` (a model config) belongs to."""
+    adapter = get_model_spec(cfg.name).hf_adapter
+    if adapter is None:
+        raise ValueError(
+            f"model.name={cfg.name} has no Hugging Face adapter: it cannot load or export HF weights"
         )
-    except KeyError as e:
-        raise _fail(path, e.args[0], "missing", "the file is not a complete model config") from e
+    return adapter
 
 
-def hf_config_from_model(cfg: ModelConfig, architecture: str, dtype: torch.dtype) -> dict[str, Any]:
-    """A config.json that transformers 4 and 5 both read (v4 spelling: `rope_theta` + `rope_scaling`)."""
-    model_type, _, _ = ARCHITECTURES[architecture]
-    config: dict[str, Any] = {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.hidden_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if model_type != "qwen2":
-        config["mlp_bias"] = False
-    if model_type in ("qwen2", "qwen3"):
-        config["use_sliding_window"] = False
-    if model_type == "mistral":
-        config["sliding_window"] = cfg.sliding_window
-    if cfg.rope_scaling is not None:
-        config["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": cfg.rope_scaling.factor,
-            "low_freq_factor": cfg.rope_scaling.low_freq_factor,
-            "high_freq_factor": cfg.rope_scaling.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_scaling.original_max_seq_len,
-        }
-    return config
+def architecture_of(cfg: Any) -> str:
+    """The architecture to export as: the pretrained model's own, else what the family picks for the shape."""
+    if cfg.pretrained is not None:
+        return read_hf_config(cfg.pretrained)["architectures"][0]
+    return adapter_of(cfg).architecture_of(cfg)
 
 
-def hf_name(name: str) -> str:
-    """Our (canonical) parameter name → the Hugging Face checkpoint key."""
-    name = canonical_name(name)
-    return name if name.startswith("lm_head.") else f"model.{name}"
+def hf_config_from_model(cfg: Any, architecture: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A config.json for `cfg`, written as `architecture`."""
+    return hf_adapter_for(architecture).config_to_hf(cfg, architecture, dtype)
 
 
 class SafetensorsCheckpoint:
@@ -199,10 +137,10 @@ class SafetensorsCheckpoint:
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError) as e:
-                raise _fail(index, "weight_map", f"unreadable ({e})", "re-download the index file") from e
+                raise hf_error(index, "weight_map", f"unreadable ({e})", "re-download the index file") from e
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:
-                raise _fail(index, "weight_map", f"names shard(s) missing from the directory: {missing}",
+                raise hf_error(index, "weight_map", f"names shard(s) missing from the directory: {missing}",
                             "download the missing shards")  # fmt: skip
             self.files = {key: self.dir / f for key, f in weight_map.items()}
         elif (self.dir / SINGLE_FILE).is_file():
@@ -259,28 +197,26 @@ def load_hf_weights(model: nn.Module, model_dir: str | Path) -> int:
     LoRA adapters (which the checkpoint does not have) are left alone; NF4 bases are quantized from the full
     tensor, which every rank reads (they are not sharded).
     """
+    adapter = hf_adapter_for(read_hf_config(model_dir)["architectures"][0])
     checkpoint = SafetensorsCheckpoint(model_dir)
     loaded: set[str] = set()
     try:
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 continue
-            key = hf_name(name)
+            key = adapter.hf_name(name)
             index = local_index(param)
             local = param.to_local() if isinstance(param, DTensor) else param
             local.copy_(checkpoint.slice(key, param.shape, index).to(local.dtype))
             loaded.add(key)
         for name, module in model.named_modules():
             if isinstance(module, LoRALinear) and module.quantized:
-                key = hf_name(f"{name}.weight")
+                key = adapter.hf_name(f"{name}.weight")
                 module.set_quantized_base(checkpoint.slice(key, module.base_shape, ()))
                 loaded.add(key)
     finally:
         checkpoint.close()
-    # Checkpoints of tied models may still carry lm_head.weight; old ones carry RoPE buffers.
-    unused = [
-        k for k in checkpoint.files if k not in loaded and "rotary_emb" not in k and k != "lm_head.weight"
-    ]
+    unused = [k for k in checkpoint.files if k not in loaded and not adapter.ignored_keys(k)]
     if unused:
         logger.warning("model.pretrained: %d checkpoint tensors unused, e.g. %s", len(unused), unused[:3])
     return len(loaded)
@@ -375,18 +311,9 @@ class ShardWriter:
         return self.out_dir
 
 
-def architecture_of(cfg: ModelConfig) -> str:
-    """The architecture to export as: the pretrained model's own, else Llama (or Qwen3 with q/k norms)."""
-    if cfg.pretrained is not None:
-        return read_hf_config(cfg.pretrained)["architectures"][0]
-    if cfg.qk_norm:
-        return "Qwen3ForCausalLM"
-    return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
-
-
 def write_hf(
     tensors: Iterable[tuple[str, torch.Tensor]],
-    cfg: ModelConfig,
+    cfg: Any,
     out_dir: str | Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
@@ -394,15 +321,17 @@ def write_hf(
 ) -> Path:
     """Write (our parameter name, full tensor) pairs as a Hugging Face model directory: config.json,
     safetensors shards (+ index) and the tokenizer files of `cfg.pretrained` when there is one."""
+    architecture = architecture_of(cfg)
+    adapter = hf_adapter_for(architecture)
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
     for name, tensor in tensors:
-        writer.add(hf_name(name), tensor.to(dtype))
-    return writer.finish(hf_config_from_model(cfg, architecture_of(cfg), dtype), cfg.pretrained)
+        writer.add(adapter.hf_name(name), tensor.to(dtype))
+    return writer.finish(adapter.config_to_hf(cfg, architecture, dtype), cfg.pretrained)
 
 
 def export_hf(
     model: nn.Module,
-    cfg: ModelConfig,
+    cfg: Any,
     out_dir: str | Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
@@ -418,3 +347,30 @@ def export_hf(
             pass
         return None
     return write_hf(tensors, cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def export_peft(
+    model: nn.Module, model_cfg: Any, cfg: PeftConfig, out_dir: str | Path, *, base_model: str | None
+) -> Path | None:
+    """Write the adapters as a PEFT directory (adapter_config.json + adapter_model.safetensors), atomically.
+
+    Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    hf_name = adapter_of(model_cfg).hf_name
+    state = adapter_state(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out_dir = Path(out_dir).expanduser()
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    tensors = {f"base_model.model.{hf_name(name)}": t.contiguous() for name, t in state.items()}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(
+        json.dumps(peft_adapter_config(cfg, base_model, adapted_names(model)), indent=2) + "\n"
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -16,7 +16,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Wrappers that torch inserts into parameter names (activation checkpointing, torch.compile); a parameter's
 # identity for seeding and checkpoints is its name without them.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# LOSS_WRAPPER: the child name under which an engine runs a model part and the loss in one module
+# (parallel/deepspeed_engine.py).
+LOSS_WRAPPER = "_loss_wrapped_module"
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", f"{LOSS_WRAPPER}.")
 
 
 def canonical_name(name: str) -> str:

@@ -12,13 +12,8 @@ gradients; the optimizer, the gradient clipping and the checkpoints see only tho
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +23,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from treadle.memory.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
 from treadle.models.init import canonical_name, fill_
-from treadle.models.llama import ModelConfig
+from treadle.models.spec import load_builtin_families
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("none", "lora")
 QUANTIZE = ("none", "nf4")
 
@@ -41,17 +35,21 @@ class PeftConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    # Module names (last component) to adapt; "all-linear" = every projection in the blocks (not the output head).
+    # Module names (last component) to adapt; "all-linear" = every linear layer in the blocks (`model.layers`),
+    # not the output head.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
     quantize_base: str = "none"  # none | nf4 (QLoRA: frozen base weights stored in 4 bits)
     nf4_block_size: int = 64
 
-    def targets(self) -> tuple[str, ...]:
-        return LINEAR_NAMES if "all-linear" in self.target_modules else tuple(self.target_modules)
+    def targets(self) -> tuple[str, ...] | None:
+        """The module names to adapt; None for every linear layer of the blocks."""
+        return None if "all-linear" in self.target_modules else tuple(self.target_modules)
 
-    def validate(self) -> None:
+    def validate(self, linear_names: tuple[str, ...] | None = None) -> None:
+        """`linear_names`: the blocks' linear layers of the model family (`ModelSpec.linear_names`); by default
+        those of every built-in family."""
         if self.method not in METHODS:
             raise ValueError(f"peft.method={self.method!r} is not one of {METHODS}")
         if self.quantize_base not in QUANTIZE:
@@ -62,11 +60,13 @@ class PeftConfig:
             raise ValueError(f"peft.rank={self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"peft.dropout={self.dropout} must be in [0, 1)")
-        unknown = [t for t in self.target_modules if t != "all-linear" and t not in LINEAR_NAMES]
+        if linear_names is None:
+            linear_names = tuple(dict.fromkeys(n for s in load_builtin_families() for n in s.linear_names()))
+        unknown = [t for t in self.target_modules if t != "all-linear" and t not in linear_names]
         if unknown:
             raise ValueError(
                 f"peft.target_modules: {unknown} are not linear layers of the model; choose from "
-                f"{list(LINEAR_NAMES)} or 'all-linear'"
+                f"{list(linear_names)} or 'all-linear'"
             )
         if self.use_dora and self.quantize_base != "none":
             raise ValueError("peft.use_dora=true with peft.quantize_base=nf4 is not supported; pick one")
@@ -144,8 +144,10 @@ def apply_lora(model: nn.Module, cfg: PeftConfig) -> list[str]:
     targets = cfg.targets()
     adapted: list[str] = []
     for name, module in list(model.named_modules()):
+        in_blocks = name == "layers" or name.startswith("layers.")
         for child_name, child in list(module.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
+            wanted = in_blocks if targets is None else child_name in targets
+            if wanted and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, cfg))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
     if not adapted:
@@ -177,16 +179,15 @@ def finish_adapters(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def init_quantized_bases(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_quantized_bases(model: nn.Module, seed: int) -> None:
     """Random NF4 bases for a model without pretrained weights (benchmarks, tests), drawn from the same per-name
-    streams and scales as `Llama.init_weights` uses for a dense base, one layer at a time (a full-precision copy
-    of every base at once would be 4 bytes per parameter)."""
-    depth_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    streams and scales as the model's `init_weights` uses for a dense base (`model.weight_std`), one layer at a
+    time (a full-precision copy of every base at once would be 4 bytes per parameter)."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and module.quantized:
             full = torch.empty(module.base_shape, device=module.weight_nf4.device)
-            std = depth_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
-            fill_(full, canonical_name(f"{name}.weight"), seed, std=std)
+            weight_name = canonical_name(f"{name}.weight")
+            fill_(full, weight_name, seed, std=model.weight_std(weight_name))
             module.set_quantized_base(full)
 
 
@@ -214,7 +215,12 @@ def adapter_state(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def peft_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, Any]:
+def adapted_names(model: nn.Module) -> list[str]:
+    """The module names (last component) that carry adapters, sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+
+
+def peft_adapter_config(cfg: PeftConfig, base_model: str | None, target_modules: list[str]) -> dict[str, Any]:
     """The `adapter_config.json` that `peft.PeftModel.from_pretrained` reads for these adapters."""
     return {
         "peft_type": "LORA",
@@ -223,7 +229,7 @@ def peft_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, An
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": sorted(cfg.targets()),
+        "target_modules": target_modules,
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
         "bias": "none",
@@ -232,32 +238,3 @@ def peft_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, An
         "inference_mode": True,
         "modules_to_save": None,
     }
-
-
-def export_peft(
-    model: nn.Module, cfg: PeftConfig, out_dir: str | Path, *, base_model: str | None
-) -> Path | None:
-    """Write the adapters as a PEFT directory (adapter_config.json + adapter_model.safetensors), atomically.
-
-    Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
-    """
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from treadle.models.hf import hf_name
-
-    state = adapter_state(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    out_dir = Path(out_dir).expanduser()
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    tensors = {f"base_model.model.{hf_name(name)}": t.contiguous() for name, t in state.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(
-        json.dumps(peft_adapter_config(cfg, base_model), indent=2) + "\n"
-    )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir

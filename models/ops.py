@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from treadle.kernels.reference import rmsnorm_torch, rope_torch, swiglu_torch
+
 IGNORE_INDEX = -100
 
 
@@ -33,13 +35,13 @@ class KernelsConfig:
 @dataclass
 class Ops:
     """One table per model, shared by reference by every module of it: a parallel plan that swaps an entry
-    (`model.ops.attention = ...`) swaps it for every block at once."""
+    (`model.ops.attention = ...`) swaps it for every block at once. The loss is not in it: the model returns
+    hidden states and the engine applies the loss component (`models.loss`, built by `build_loss_op`)."""
 
     attention: Callable[..., torch.Tensor]
     rmsnorm: Callable[..., torch.Tensor]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     swiglu: Callable[..., torch.Tensor]
-    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -97,35 +99,6 @@ def attention_eager(
     return out_BSHD.to(q_BSHD.dtype)
 
 
-def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm (Zhang & Sennrich 2019) computed in fp32 and cast back, as Llama does."""
-    x_fp32 = x.float()
-    normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return normed.to(x.dtype) * weight
-
-
-def rope_torch(
-    q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding in the rotate-half layout (the Hugging Face Llama convention, so HF weights load as is).
-
-    `cos_BSD`/`sin_BSD` hold the per-position angles for the full head dim (each frequency twice).
-    """
-    cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-    return rotate(q_BSHD), rotate(k_BSKD)
-
-
-def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's gating (Shazeer 2020): silu(gate) * up."""
-    return F.silu(gate) * up
-
-
 def linear_cross_entropy_torch(
     hidden_ND: torch.Tensor,
     weight_VE: torch.Tensor,
@@ -173,16 +146,22 @@ def available_ops() -> dict[str, list[str]]:
 
 
 def build_ops(cfg: KernelsConfig) -> Ops:
-    chosen = {}
-    for f in fields(KernelsConfig):
-        name = getattr(cfg, f.name)
-        if name not in _REGISTRY[f.name]:
-            raise ValueError(
-                f"kernels.{f.name}={name!r} is not an implementation of {f.name}; "
-                f"choose one of {sorted(_REGISTRY[f.name])}"
-            )
-        chosen[f.name] = _resolve(f.name, name)
-    return Ops(**chosen)
+    """The model's op table; checks (and imports) every choice of `cfg`, the loss's included."""
+    chosen = {f.name: resolve_op(f.name, getattr(cfg, f.name)) for f in fields(KernelsConfig)}
+    return Ops(**{f.name: chosen[f.name] for f in fields(Ops)})
+
+
+def build_loss_op(cfg: KernelsConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`kernels.loss`: (hidden_ND, weight_VE, labels_N, *, ignore_index) -> (summed loss, counted tokens)."""
+    return resolve_op("loss", cfg.loss)
+
+
+def resolve_op(op: str, name: str) -> Callable:
+    if name not in _REGISTRY[op]:
+        raise ValueError(
+            f"kernels.{op}={name!r} is not an implementation of {op}; choose one of {sorted(_REGISTRY[op])}"
+        )
+    return _resolve(op, name)
 
 
 def _resolve(op: str, name: str) -> Callable:

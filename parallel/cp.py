@@ -29,7 +29,6 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 from treadle.parallel.ring import RingAttention, ring_blocks
-from treadle.train.data import Batch
 
 CP_VARIANTS = ("ring", "ulysses")
 
@@ -44,21 +43,11 @@ def load_balanced_indices(
     return torch.cat([first, second])
 
 
-def shard_batch(batch: Batch, cp_mesh: DeviceMesh) -> Batch:
-    """This rank's load-balanced slice of every per-token tensor of `batch` (no communication)."""
-    index = load_balanced_indices(
-        batch.tokens.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), batch.tokens.device
-    )
-
-    def take(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.index_select(1, index)
-
-    return Batch(
-        tokens=take(batch.tokens),
-        labels=take(batch.labels),
-        positions=take(batch.positions),
-        doc_ids=take(batch.doc_ids),
-    )
+def shard_sequences(cp_mesh: DeviceMesh, *tensors_BS: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """This rank's load-balanced slice (dim 1) of each per-token tensor of one batch (no communication)."""
+    first = next(t for t in tensors_BS if t is not None)
+    index = load_balanced_indices(first.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), first.device)
+    return tuple(None if t is None else t.index_select(1, index) for t in tensors_BS)
 
 
 def _seq_to_heads(x_BsXD: torch.Tensor, group: dist.ProcessGroup, cp: int) -> torch.Tensor:

@@ -11,10 +11,13 @@ reduce-scatter/all-reduce then divide by the world size, `gradient_predivide_fac
 covers them, so it is called with `scale_wrt_gas=False`. The result is the gradient of the global mean loss,
 as with the native engine.
 
-Accumulation: DeepSpeed counts micro-steps itself and reduces gradients (stage 1/2: all-reduce or reduce-
-scatter of the buckets; stage 3: reduce-scatter per partitioned parameter) during the backward of the last
-micro-batch of a step. Its `step()` must follow every micro-batch's backward to advance that count; here the
-engine calls it after each non-final backward (a no-op update), and `step()` calls it on the boundary.
+Accumulation: DeepSpeed reduces gradients (stage 1/2: all-reduce or reduce-scatter of the buckets; stage 3:
+reduce-scatter per partitioned parameter) during the backward of the last micro-batch of a step. The engine
+runs all of a step's micro-batches in `forward_backward` and tells DeepSpeed which one is last
+(`set_gradient_accumulation_boundary`), so `step()` is called once per optimizer step.
+
+The loss runs inside DeepSpeed's forward (`LossWrapped`): ZeRO-3 gathers a parameter used outside its own
+module (the output weight the loss multiplies by) only while that forward runs.
 
 Checkpoints: ZeRO's partitioned fp32 master weights and optimizer states are written by DeepSpeed's own
 `save_checkpoint` into `<step dir>/deepspeed/` (so resume is exact), inside the CheckpointManager's atomic
@@ -35,14 +38,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
+from treadle.memory.checkpointing import apply_activation_checkpointing
+from treadle.models.init import LOSS_WRAPPER
+from treadle.models.loss import CausalLMLoss
+from treadle.models.spec import ModelSpec
 from treadle.optim.builder import build_optimizer, param_groups
 from treadle.optim.config import OptimConfig
 from treadle.parallel.deepspeed_config import build_ds_config
-from treadle.parallel.dims import ParallelConfig, ParallelDims
-from treadle.parallel.engine import StepStats, WeightLoader
+from treadle.parallel.engine import EngineSetup, MicroBatch, StepStats, WeightLoader, build_loss
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
-from treadle.train.data import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +126,36 @@ def stale_build_locks(max_age_s: float = 600.0) -> dict[Path, float]:
     return stale
 
 
+class LossWrapped(nn.Module):
+    """A model part and the loss in one forward, for DeepSpeed to run. The part is registered under
+    `models.init.LOSS_WRAPPER`, which canonical parameter names drop, so names stay the part's own."""
+
+    def __init__(self, part: nn.Module, loss: CausalLMLoss) -> None:
+        super().__init__()
+        self.add_module(LOSS_WRAPPER, part)
+        self.loss = loss
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        labels_BS: torch.Tensor,
+        positions_BS: torch.Tensor | None,
+        doc_ids_BS: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = getattr(self, LOSS_WRAPPER)
+        return self.loss(part, part(tokens_BS, positions_BS=positions_BS, doc_ids_BS=doc_ids_BS), labels_BS)
+
+
 class DeepSpeedEngine:
     """ZeRO-1/2/3 through `deepspeed.initialize`; see the module docstring for the loss scale and checkpoints."""
 
-    def __init__(
-        self,
-        dims: ParallelDims,
-        cfg: ParallelConfig,
-        memory_cfg: MemoryConfig,
-        device: torch.device,
-        seed: int,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-    ):
-        self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
-        self.device, self.seed = device, seed
-        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+    def __init__(self, setup: EngineSetup):
+        self.dims, self.cfg, self.memory_cfg = setup.dims, setup.parallel, setup.memory
+        self.device, self.seed = setup.device, setup.seed
+        self.micro_batch_size, self.grad_accum = setup.micro_batch_size, setup.grad_accum
+        self.loss = build_loss(setup, compile_loss=False)
         self.ds: Any = None  # deepspeed.DeepSpeedEngine, after prepare()
+        self.model_parts: list[nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
 
     def ds_config(self, optim_cfg: OptimConfig) -> dict[str, Any]:
@@ -156,8 +172,13 @@ class DeepSpeedEngine:
         )
 
     def prepare(
-        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self,
+        spec: ModelSpec,
+        model_cfg: Any,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        load_weights: WeightLoader | None = None,
+    ) -> list[nn.Module]:
         """Materialise and initialise the full model (then `load_weights`, e.g. Hugging Face weights), then let
         DeepSpeed partition it and wrap the optimizer.
 
@@ -178,9 +199,13 @@ class DeepSpeedEngine:
         self.optimizer = self._build_optimizer(model, optim_cfg)
         # The scheduler stays ours (the Trainer steps it); DeepSpeed's lr_scheduler would step it a second time.
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=self.ds_config(optim_cfg), dist_init_required=False
+            model=LossWrapped(model, self.loss),
+            optimizer=self.optimizer,
+            config=self.ds_config(optim_cfg),
+            dist_init_required=False,
         )
-        return self.ds, self.optimizer
+        self.model_parts = [model]
+        return self.model_parts
 
     def _build_optimizer(self, model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
         if optim_cfg.name != "adamw":
@@ -201,20 +226,26 @@ class DeepSpeedEngine:
             adamw_mode=True,
         )
 
-    def prepare_batch(self, batch: Batch) -> Batch:
-        return batch
+    def forward_backward(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
+        self.ds.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
+            self.ds.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            micro_loss, _ = self.ds(batch.tokens, batch.labels, batch.positions, batch.doc_ids)
+            self.ds.backward(micro_loss * loss_scale.to(micro_loss.dtype), scale_wrt_gas=False)
+            loss_sum += micro_loss.detach().double()
+        return loss_sum
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss, scale_wrt_gas=False)
-        if not self.ds.is_gradient_accumulation_boundary():
-            self.ds.step()  # advances DeepSpeed's micro-step count; no update off the boundary
+    @torch.no_grad()
+    def eval_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ds.eval()
+        return self.ds(batch.tokens, batch.labels, batch.positions, batch.doc_ids)
 
     def step(self) -> StepStats:
         """Clip, step and zero gradients on the accumulation boundary. ZeRO skips the update itself when the
         global gradient norm is not finite (the same decision on every rank, from the all-reduced norm)."""
         assert self.ds.is_gradient_accumulation_boundary(), (
-            "DeepSpeedEngine.step() off the accumulation boundary: the Trainer ran a number of backward "
-            "calls other than trainer.global_batch_size / (micro_batch_size × dp size)"
+            "step() before forward_backward's last micro-batch"
         )
         self.ds.step()
         norm = self.ds.get_global_grad_norm()

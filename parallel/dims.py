@@ -1,12 +1,18 @@
 """`ParallelDims`: the one topology object. It checks the degrees and owns every `DeviceMesh` of a run.
 
-The world is laid out as `dp_replicate × dp_shard × cp × tp` (outermost to innermost, so that TP, the most
+The world is laid out as `pp × dp_replicate × dp_shard × cp × tp` (outermost to innermost, so that TP, the most
 communication-heavy axis, gets the closest ranks). Derived meshes are flattened views of it:
 
 - `dp`          = dp_replicate × dp_shard      ranks that see different data
 - `dp_shard_cp` = dp_shard × cp                ranks that FSDP shards parameters over (CP ranks hold the
                                                 same parameters, so they join the shard group)
 - `dp_cp`       = dp_replicate × dp_shard × cp  ranks over which the loss and token counts are reduced
+
+Experts see the same ranks as a second view, `pp × dp_replicate × efsdp × ep` with efsdp = dp_shard·cp·tp / ep:
+experts are sharded over `ep` and their parameters FSDP-sharded over `efsdp` (built when first asked for).
+
+Meshes are looked up by axis names: `dims.mesh()` is the whole world, `dims.mesh("tp")` one axis,
+`dims.mesh("dp_replicate", "dp_shard")` a slice, `dims.mesh("dp_cp")` a flattened view.
 """
 
 from __future__ import annotations
@@ -16,47 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from treadle.parallel.deepspeed_config import DeepSpeedConfig
-
-AXES = ("dp_replicate", "dp_shard", "cp", "tp")
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    engine: str = "native"  # native | deepspeed | megatron
-    dp_replicate: int = 1  # HSDP replicas (each replica is an FSDP group)
-    dp_shard: int = -1  # FSDP shard degree; -1 = whatever the other degrees leave of the world
-    cp: int = 1
-    tp: int = 1
-    # true: ZeRO-3 (parameters resharded after forward); false: ZeRO-2 (kept unsharded until backward ends).
-    reshard_after_forward: bool = True
-    param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
-    sequence_parallel: bool = True  # with tp > 1: shard activations on the sequence between blocks
-    # with tp > 1 on GPUs: torch's micro-pipelined (async) TP, which splits the all-gather/reduce-scatter around
-    # each TP matmul into chunks overlapped with the matmul through symmetric memory; needs parallel.compile.
-    async_tp: bool = False
-    # with tp > 1, sequence_parallel=false: each block runs its micro-batch as two halves interleaved sublayer by
-    # sublayer (attention of both, then MLP of both), so one half's TP all-reduce can run while the other half's
-    # GEMMs do (DeepSpeed Domino's batch split); plain collectives, eager or compiled (then with tp_comm_reorder's
-    # reordering, whatever that key says, and the halves' kernels kept apart). 1B, TP=2 on 2 H200s: 1.03-1.06x
-    # TP+SP, level with tp_comm_reorder alone: README.
-    tp_batch_overlap: bool = False
-    # with tp > 1 and compile: Inductor reorders each compiled block so a TP collective runs beside compute that
-    # does not need it (e.g. without SP, in backward, the activation gradient's all-reduce beside the weight-
-    # gradient GEMMs). Sets Inductor's reordering for the whole process. 1B, TP=2 on 2 H200s: TP+SP 1.02-1.03x, no SP
-    # 1.02-1.08x against TP+SP without it (README).
-    tp_comm_reorder: bool = False
-    # with tp > 1 on GPUs: the most CTAs (thread blocks, one per channel, each on an SM) NCCL runs the TP group's
-    # collectives on; 0 leaves it to NCCL. Fewer leave more SMs to the GEMMs that overlapped collectives run
-    # beside (tp_batch_overlap, tp_comm_reorder), at some bandwidth. 1B, TP=2, 2 H200s: no consistent gain (README).
-    tp_comm_max_ctas: int = 0
-    cp_variant: str = "ring"  # with cp > 1: ring (p2p key/value rotation) | ulysses (all-to-all over heads)
-    compile: bool = False  # torch.compile each transformer block
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    fsdp_prefetch_forward: int = 1  # blocks all-gathered ahead in forward (FSDP2 explicit prefetch)
-    fsdp_prefetch_backward: int = 1  # blocks all-gathered ahead in backward
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # with engine=deepspeed
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+FLAT = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+}
+EXPERT_AXES = ("pp", "dp_replicate", "efsdp", "ep")
+# Degrees accepted by the checks but whose parallelism is not built yet: anything above 1 is refused.
+NOT_YET = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
 
 
 @dataclass
@@ -66,26 +40,39 @@ class ParallelDims:
     cp: int
     tp: int
     world_size: int
+    pp: int = 1
+    ep: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    _expert_mesh: DeviceMesh | None = field(default=None, repr=False)
+    _device_type: str = field(default="cpu", repr=False)
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    def from_config(cls, cfg, world_size: int) -> ParallelDims:
+        """From a `parallel.config.ParallelConfig` (or anything with its degree fields)."""
         return cls(
-            dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, cp=cfg.cp, tp=cfg.tp, world_size=world_size
+            pp=cfg.pp,
+            dp_replicate=cfg.dp_replicate,
+            dp_shard=cfg.dp_shard,
+            cp=cfg.cp,
+            tp=cfg.tp,
+            ep=cfg.ep,
+            world_size=world_size,
         )
 
     def __post_init__(self) -> None:
-        for axis in ("dp_replicate", "cp", "tp"):
+        for axis in ("pp", "dp_replicate", "cp", "tp", "ep"):
             if getattr(self, axis) < 1:
                 raise ValueError(f"parallel.{axis}={getattr(self, axis)} must be >= 1")
-        others = self.dp_replicate * self.cp * self.tp
+        others = self.pp * self.dp_replicate * self.cp * self.tp
+        # pp is named only when it is set, so the common messages read as the degrees the user sets.
+        pp_names, pp_values = ("pp × ", f"{self.pp}×") if self.pp > 1 else ("", "")
         if self.dp_shard == -1:
             if self.world_size % others:
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by parallel.dp_replicate × cp × tp = "
-                    f"{self.dp_replicate}×{self.cp}×{self.tp} = {others}; fix: choose degrees whose product "
-                    f"divides the number of processes"
+                    f"world size {self.world_size} is not divisible by parallel.{pp_names}dp_replicate × cp × tp = "
+                    f"{pp_values}{self.dp_replicate}×{self.cp}×{self.tp} = {others}; fix: choose degrees whose "
+                    f"product divides the number of processes"
                 )
             self.dp_shard = self.world_size // others
         if self.dp_shard < 1:
@@ -93,10 +80,22 @@ class ParallelDims:
         product = others * self.dp_shard
         if product != self.world_size:
             raise ValueError(
-                f"parallel.dp_replicate × dp_shard × cp × tp = {self.dp_replicate}×{self.dp_shard}×{self.cp}×"
-                f"{self.tp} = {product} but the world size is {self.world_size}; fix: make the product equal "
-                f"the number of processes (or set parallel.dp_shard=-1 to infer it)"
+                f"parallel.{pp_names}dp_replicate × dp_shard × cp × tp = {pp_values}{self.dp_replicate}×"
+                f"{self.dp_shard}×{self.cp}×{self.tp} = {product} but the world size is {self.world_size}; fix: make "
+                f"the product equal the number of processes (or set parallel.dp_shard=-1 to infer it)"
             )
+        non_expert = self.dp_shard * self.cp * self.tp
+        if non_expert % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide parallel.dp_shard × cp × tp = {self.dp_shard}×{self.cp}×"
+                f"{self.tp} = {non_expert} (experts are sharded over ranks of those axes); fix: choose an ep "
+                f"that divides {non_expert}"
+            )
+        for axis, what in NOT_YET.items():
+            if getattr(self, axis) > 1:
+                raise ValueError(
+                    f"parallel.{axis}={getattr(self, axis)}: {what} is not implemented yet; fix: parallel.{axis}=1"
+                )
 
     @property
     def dp_size(self) -> int:
@@ -106,6 +105,11 @@ class ParallelDims:
     @property
     def fsdp_size(self) -> int:
         return self.dp_shard * self.cp
+
+    @property
+    def efsdp(self) -> int:
+        """The degree experts' parameters are FSDP-sharded over: dp_shard·cp·tp / ep."""
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     def build_mesh(self, device_type: str, *, tp_comm_max_ctas: int = 0) -> DeviceMesh:
         """Create the world mesh and its flattened views (collective: every rank must call it).
@@ -118,43 +122,38 @@ class ParallelDims:
             kwargs["backend_override"] = {"tp": ("nccl", options)}
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES, **kwargs)
         # Flattened views are kept here rather than sliced from the root later (torch deprecates that).
-        self._flat = {
-            "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
-            "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
-            "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
-        }
-        self._mesh = mesh
+        self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLAT.items()}
+        self._mesh, self._device_type = mesh, device_type
         return mesh
 
-    @property
-    def mesh(self) -> DeviceMesh:
+    def mesh(self, *names: str) -> DeviceMesh:
+        """The world mesh (no names), one axis or flattened view, or a slice of several axes (see the module
+        docstring). Expert axes (`efsdp`, `ep`) come from the experts' view."""
         assert self._mesh is not None, "build_mesh() has not been called"
-        return self._mesh
+        if not names:
+            return self._mesh
+        if set(names) & {"efsdp", "ep"}:
+            return self._experts()[names]
+        if len(names) == 1 and names[0] in self._flat:
+            return self._flat[names[0]]
+        unknown = [n for n in names if n not in AXES and n not in FLAT]
+        assert not unknown, f"unknown mesh axes {unknown}; axes are {AXES}, views {tuple(FLAT)}"
+        return self._mesh[names]
 
-    def flat(self, name: str) -> DeviceMesh:
-        """A flattened view: `dp`, `dp_shard_cp` or `dp_cp` (see the module docstring)."""
-        assert name in self._flat, f"build_mesh() has not been called or {name!r} is unknown"
-        return self._flat[name]
+    def _experts(self) -> DeviceMesh:
+        """`pp × dp_replicate × efsdp × ep` over the same ranks in the same order (collective on first call)."""
+        if self._expert_mesh is None:
+            shape = (self.pp, self.dp_replicate, self.efsdp, self.ep)
+            self._expert_mesh = init_device_mesh(self._device_type, shape, mesh_dim_names=EXPERT_AXES)
+        return self._expert_mesh
 
     def fsdp_mesh(self) -> DeviceMesh:
         """1-D (dp_shard_cp) for FSDP, 2-D (dp_replicate, dp_shard_cp) for HSDP."""
         if self.dp_replicate > 1:
             if self.cp == 1:  # dp_shard_cp is dp_shard: slice the root's own axes
-                return self.mesh["dp_replicate", "dp_shard"]
-            return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self.flat("dp_shard_cp")
-
-    def tp_mesh(self) -> DeviceMesh:
-        return self.mesh["tp"]
-
-    def cp_mesh(self) -> DeviceMesh:
-        return self.mesh["cp"]
+                return self.mesh("dp_replicate", "dp_shard")
+            return self.mesh("dp_replicate", "dp_shard_cp")
+        return self.mesh("dp_shard_cp")
 
     def dp_rank(self) -> int:
-        return self.flat("dp").get_local_rank()
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        return self.mesh("dp").get_local_rank()

@@ -1,4 +1,6 @@
-"""Engines own sharding, backward and the optimizer step; every engine serves the same `Trainer`."""
+"""Engines own sharding, the forward/backward schedule and the optimizer step; every engine serves the same
+`Trainer`, which keeps data, token counting and loss normalisation. Engines are one registry: name → config
+class, validation, factory (`register_engine`, `build_engine`)."""
 
 from __future__ import annotations
 
@@ -15,19 +17,33 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from treadle.experiments.tp_batch_overlap import apply_batch_overlap
 from treadle.memory.activations import SavedActivationHooks, apply_activation_memory
 from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
 from treadle.models.init import canonical_name
+from treadle.models.loss import CausalLMLoss
+from treadle.models.ops import KernelsConfig, build_loss_op
+from treadle.models.spec import ModelSpec
 from treadle.optim.builder import build_optimizer
 from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
-from treadle.parallel.cp import apply_cp, shard_batch
-from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.config import ParallelConfig
+from treadle.parallel.cp import apply_cp, shard_sequences
+from treadle.parallel.deepspeed_config import DeepSpeedConfig, validate_deepspeed
+from treadle.parallel.dims import ParallelDims
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_batch_overlap, apply_tp, enable_async_tp, enable_comm_reordering
-from treadle.train.data import Batch
+from treadle.parallel.tp import apply_tp, enable_async_tp, enable_comm_reordering
+
+
+class MicroBatch(Protocol):
+    """One micro-batch of token rows (train.data.Batch has these fields), already on the engine's device."""
+
+    tokens: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], IGNORE_INDEX where no loss is taken
+    positions: torch.Tensor | None  # [B, S]
+    doc_ids: torch.Tensor | None  # [B, S]
 
 
 @dataclass
@@ -40,70 +56,108 @@ class StepStats:
 WeightLoader = Callable[[nn.Module], None]
 
 
+@dataclass(kw_only=True)
+class EngineSetup:
+    """What an engine factory is given: the topology and the configs of what it owns."""
+
+    dims: ParallelDims
+    parallel: ParallelConfig
+    memory: MemoryConfig
+    kernels: KernelsConfig
+    fp8: Float8Config
+    device: torch.device
+    seed: int
+    micro_batch_size: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step on each data-parallel rank
+
+
 class Engine(Protocol):
-    """What the Trainer sees. `backward` is called once per micro-batch of a step (grad_accum times), then
-    `step` once; an engine that accumulates in its own way (DeepSpeed) does so behind these two calls."""
+    """What the Trainer sees. `forward_backward` runs all micro-batches of one step and `step` updates once."""
+
+    model_parts: list[nn.Module]
+    optimizer: torch.optim.Optimizer | None
 
     def prepare(
-        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
-    ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
-    def prepare_batch(self, batch: Batch) -> Batch: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
+        self,
+        spec: ModelSpec,
+        model_cfg: Any,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        load_weights: WeightLoader | None = None,
+    ) -> list[nn.Module]:
+        """Plan, materialise and initialise `model` (built by `spec` on the meta device, adapters applied);
+        build the optimizer. Returns the model parts."""
+        ...
+
+    def forward_backward(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every micro-batch, each summed loss multiplied by `loss_scale` before its
+        backward; returns this rank's summed loss (fp64, detached)."""
+        ...
+
+    def eval_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, counted tokens) of one held-out micro-batch on this rank, without gradients."""
+        ...
+
     def step(self) -> StepStats: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+def build_loss(setup: EngineSetup, *, compile_loss: bool) -> CausalLMLoss:
+    """The loss component for the last part: vocabulary-parallel under TP, else `kernels.loss`; compiled with
+    the blocks (its fp32 upcast and log-softmax then fuse instead of materialising [tokens, vocab] fp32 logits
+    several times), except under TP, whose loss issues collectives from an autograd Function."""
+    if setup.dims.tp > 1:
+        return CausalLMLoss(vocab_parallel_linear_cross_entropy)
+    op = build_loss_op(setup.kernels)
+    return CausalLMLoss(torch.compile(op, fullgraph=True) if compile_loss else op)
+
+
 class NativeEngine:
     """FSDP2 (ZeRO-3 / ZeRO-2 / HSDP) with DTensor tensor/sequence parallelism; plans applied in the fixed
-    order of STYLE.md §3: FP8 linears → TP/SP → CP → activation checkpointing → compile → activation
-    compression/offload hooks (outside the compiled blocks) → FSDP → materialise."""
+    order of STYLE.md §3: FP8 linears → TP/SP (the spec's plan) → CP → activation checkpointing → compile →
+    activation compression/offload hooks (outside the compiled blocks) → FSDP → materialise."""
 
-    def __init__(
-        self,
-        dims: ParallelDims,
-        cfg: ParallelConfig,
-        memory_cfg: MemoryConfig,
-        device: torch.device,
-        seed: int,
-        fp8_cfg: Float8Config | None = None,
-        grad_accum: int = 1,
-    ):
-        self.dims, self.cfg, self.memory_cfg = dims, cfg, memory_cfg
-        self.grad_accum, self.micro_step = grad_accum, 0
-        self.fp8_cfg = fp8_cfg or Float8Config()
-        self.device, self.seed = device, seed
+    def __init__(self, setup: EngineSetup):
+        self.setup, self.dims, self.cfg, self.memory_cfg = setup, setup.dims, setup.parallel, setup.memory
+        self.device, self.seed = setup.device, setup.seed
         self.activation_hooks: SavedActivationHooks | None = None
-        self.model: nn.Module | None = None
+        self.model_parts: list[nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.loss = build_loss(setup, compile_loss=setup.parallel.compile)
+        self.post_step: tuple[Callable[[list[nn.Module]], None], ...] = ()
         self.clip_grad_norm = 0.0
         self.has_frozen = False
         # Runs on the model whenever its weights change (torchao FP8 all-gather's scales; parallel/fp8.py).
-        self.refresh_weight_state = weight_scale_refresh(self.fp8_cfg)
+        self.refresh_weight_state = weight_scale_refresh(setup.fp8)
 
     def prepare(
-        self, model: nn.Module, optim_cfg: OptimConfig, load_weights: WeightLoader | None = None
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self,
+        spec: ModelSpec,
+        model_cfg: Any,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        load_weights: WeightLoader | None = None,
+    ) -> list[nn.Module]:
         """Apply plans to a meta-device model, materialise it on `device` (initialised, then `load_weights`),
         and build its optimizer over the parameters that require gradients."""
-        convert_to_float8(model, self.fp8_cfg, self.device)
+        convert_to_float8(model, self.setup.fp8, self.device)
         if self.dims.tp > 1:
-            apply_tp(model, self.dims.tp_mesh(), sequence_parallel=self.cfg.sequence_parallel)
-            model.ops.loss = vocab_parallel_linear_cross_entropy
+            apply_tp(model, self.dims.mesh("tp"), spec.tp_plan, sequence_parallel=self.cfg.sequence_parallel)
             if self.cfg.async_tp:
-                enable_async_tp(self.dims.tp_mesh())
+                enable_async_tp(self.dims.mesh("tp"))
             if self.cfg.tp_batch_overlap:
                 apply_batch_overlap(model.layers)
             if self.cfg.compile and (self.cfg.tp_comm_reorder or self.cfg.tp_batch_overlap):
                 enable_comm_reordering(batch_chunks=self.cfg.tp_batch_overlap)
         if self.dims.cp > 1:
-            apply_cp(model, self.dims.cp_mesh(), self.cfg.cp_variant)
+            apply_cp(model, self.dims.mesh("cp"), self.cfg.cp_variant)
         apply_activation_checkpointing(model.layers, self.memory_cfg)
         if self.cfg.compile:
             # Ring attention's point-to-point sends break the graph, and so does activation compression's
             # eager attention (memory/activations.py): blocks are then more than one graph.
             one_graph = self.dims.cp == 1 and self.memory_cfg.activation_compression == "none"
-            apply_compile(model, compile_loss=self.dims.tp == 1, fullgraph=one_graph)
+            apply_compile(model, fullgraph=one_graph)
         self.activation_hooks = apply_activation_memory(model, self.memory_cfg, self.device)
         cpu_offload = self.memory_cfg.param_offload == "cpu"
         apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device, cpu_offload=cpu_offload)
@@ -119,65 +173,91 @@ class NativeEngine:
             load_weights(model)
         # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
         self.has_frozen = any(not p.requires_grad for p in model.parameters())
-        self.model, self.clip_grad_norm = model, optim_cfg.clip_grad_norm
+        self.model_parts, self.clip_grad_norm, self.post_step = (
+            [model],
+            optim_cfg.clip_grad_norm,
+            spec.post_step,
+        )
         optim_device = torch.device("cpu") if cpu_offload else self.device
         self.optimizer = build_optimizer(model, optim_cfg, optim_device, host_offload=cpu_offload)
-        return model, self.optimizer
+        return self.model_parts
 
-    def prepare_batch(self, batch: Batch) -> Batch:
-        """This rank's part of a data-parallel rank's batch: its context-parallel slice of the sequence."""
-        return shard_batch(batch, self.dims.cp_mesh()) if self.dims.cp > 1 else batch
+    def forward_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and loss of one micro-batch (this rank's context-parallel slice of it): summed loss and
+        counted tokens. `forward_backward` runs it per micro-batch; benchmarks call it to time the phases."""
+        tokens, labels, positions, doc_ids = batch.tokens, batch.labels, batch.positions, batch.doc_ids
+        if self.dims.cp > 1:
+            tokens, labels, positions, doc_ids = shard_sequences(
+                self.dims.mesh("cp"), tokens, labels, positions, doc_ids
+            )
+        (part,) = self.model_parts
+        hidden = part(tokens, positions_BS=positions, doc_ids_BS=doc_ids)
+        return self.loss(part, hidden, labels)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one of the step's `grad_accum` micro-batches.
+    def forward_backward(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of each micro-batch in turn (gradients accumulate in place).
 
         With parameters offloaded to the host, FSDP2 would copy each micro-batch's reduced gradient to
         pageable host memory synchronously inside backward and add it there on the CPU (its overlapped pinned
         copy only applies when nothing is accumulated yet). So under offload the earlier micro-batches keep
         their gradients unsharded on the GPU (accumulated in fp32: 4 bytes per parameter until the step) and
         only the last one reduces them and moves them to the host, once per step."""
-        self.micro_step += 1
-        last = self.micro_step == self.grad_accum
-        if self.memory_cfg.param_offload == "cpu" and self.grad_accum > 1:
-            self.model.set_requires_gradient_sync(last)
-        loss.backward()
-        if last:
-            self.micro_step = 0
+        (part,) = self.model_parts
+        part.train()
+        defer_sync = self.memory_cfg.param_offload == "cpu" and len(batches) > 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
+            if defer_sync:
+                part.set_requires_gradient_sync(i == len(batches) - 1)
+            micro_loss, _ = self.forward_loss(batch)
+            (micro_loss * loss_scale.to(micro_loss.dtype)).backward()
+            loss_sum += micro_loss.detach().double()
+        return loss_sum
+
+    @torch.no_grad()
+    def eval_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model_parts[0].eval()
+        return self.forward_loss(batch)
 
     def step(self) -> StepStats:
         """Clip to the global norm, then step, unless the norm is not finite: then skip the update.
 
-        Every rank sees the same all-reduced norm, so every rank takes the same decision.
+        Every rank sees the same all-reduced norm, so every rank takes the same decision. The spec's post-step
+        hooks run after an update.
         """
-        assert self.model is not None and self.optimizer is not None
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        assert self.model_parts and self.optimizer is not None
+        params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm_(params, self.clip_grad_norm).item()
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
             if self.refresh_weight_state is not None:
-                self.refresh_weight_state(self.model)
+                for part in self.model_parts:
+                    self.refresh_weight_state(part)
+            for hook in self.post_step:
+                hook(self.model_parts)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=grad_norm, skipped=skipped)
 
     def state_dict(self) -> dict[str, Any]:
         """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it."""
         options = StateDictOptions(ignore_frozen_params=self.has_frozen)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        model_sd, optim_sd = get_state_dict(self.model_parts[0], self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        (model,) = self.model_parts
         set_state_dict(
-            self.model,
+            model,
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
             options=StateDictOptions(strict=not self.has_frozen, ignore_frozen_params=self.has_frozen),
         )
         if self.refresh_weight_state is not None:
-            self.refresh_weight_state(self.model)
+            self.refresh_weight_state(model)
         if self.has_frozen:
-            trainable = {canonical_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+            trainable = {canonical_name(n) for n, p in model.named_parameters() if p.requires_grad}
             missing = sorted(trainable - set(state_dict["model"]))
             if missing:
                 raise ValueError(
@@ -186,29 +266,52 @@ class NativeEngine:
                 )
 
 
-def build_engine(
-    dims: ParallelDims,
-    cfg: ParallelConfig,
-    memory_cfg: MemoryConfig,
-    device: torch.device,
-    seed: int,
-    fp8_cfg: Float8Config | None = None,
-    *,
-    micro_batch_size: int = 1,
-    grad_accum: int = 1,
-) -> Engine:
-    """The engine named by `parallel.engine`. DeepSpeed generates its runtime config from the batch split; the
-    native engine uses `grad_accum` only to find each step's last micro-batch (see `NativeEngine.backward`)."""
-    if cfg.engine == "native":
-        return NativeEngine(dims, cfg, memory_cfg, device, seed, fp8_cfg, grad_accum=grad_accum)
-    if cfg.engine == "deepspeed":
-        # Imported here: the module pulls in DeepSpeed only when this engine is used.
-        from treadle.parallel.deepspeed_engine import DeepSpeedEngine
+@dataclass(frozen=True)
+class EngineEntry:
+    name: str
+    factory: Callable[[EngineSetup], Engine]
+    # The engine's own config dataclass (a field of ParallelConfig, e.g. `parallel.deepspeed`), if it has one.
+    config_cls: type | None = None
+    # (parallel config, dims) -> None: raises ValueError naming the key and the fix.
+    validate: Callable[[ParallelConfig, ParallelDims], None] | None = None
 
-        return DeepSpeedEngine(
-            dims, cfg, memory_cfg, device, seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum
-        )
-    raise ValueError(
-        f"parallel.engine={cfg.engine!r} is not available in this build; use parallel.engine=native or "
-        f"deepspeed (the megatron engine is a separate work item)"
+
+_ENGINES: dict[str, EngineEntry] = {}
+
+
+def register_engine(entry: EngineEntry) -> None:
+    _ENGINES[entry.name] = entry
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(_ENGINES)
+
+
+def get_engine(name: str) -> EngineEntry:
+    if name not in _ENGINES:
+        raise ValueError(f"parallel.engine={name!r} is not one of {engine_names()}")
+    return _ENGINES[name]
+
+
+def build_engine(setup: EngineSetup) -> Engine:
+    """The engine named by `parallel.engine`."""
+    return get_engine(setup.parallel.engine).factory(setup)
+
+
+def _deepspeed_engine(setup: EngineSetup) -> Engine:
+    # Imported here: the module pulls in DeepSpeed only when this engine is used.
+    from treadle.parallel.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(setup)
+
+
+def _validate_deepspeed(cfg: ParallelConfig, dims: ParallelDims) -> None:
+    validate_deepspeed(cfg.deepspeed, tp=dims.tp, cp=dims.cp, dp_replicate=dims.dp_replicate)
+
+
+register_engine(EngineEntry(name="native", factory=NativeEngine))
+register_engine(
+    EngineEntry(
+        name="deepspeed", factory=_deepspeed_engine, config_cls=DeepSpeedConfig, validate=_validate_deepspeed
     )
+)

@@ -1,4 +1,4 @@
-"""FSDP2 plan: shard each transformer block, then the root (embedding, final norm, output layer).
+"""FSDP2 plan: shard each block of `model.layers`, then the root (what is left: embedding, final norm, output).
 
 Communication (per block, ZeRO-3): forward all-gathers the block's parameters before it runs and frees them
 after (`reshard_after_forward=True`); backward all-gathers them again and reduce-scatters the gradients in
@@ -25,7 +25,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from treadle.parallel.dims import ParallelConfig
+from treadle.parallel.config import ParallelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,7 +76,9 @@ def apply_fsdp(
             offload_policy=offload,
             reshard_after_forward=reshard and i < len(blocks) - 1,
         )
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+    # The root (embedding, final norm, output layer) is not resharded after forward: the loss, applied by the
+    # engine right after it, multiplies by the output weight, and backward would all-gather the root at once.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
     _set_prefetch(blocks, cfg.fsdp_prefetch_forward, cfg.fsdp_prefetch_backward)
 
 
@@ -96,7 +98,7 @@ def _set_prefetch(blocks: list[nn.Module], forward: int, backward: int) -> None:
                 block.set_modules_to_backward_prefetch(prev)
 
 
-def apply_compile(model: nn.Module, *, compile_loss: bool = True, fullgraph: bool = True) -> None:
+def apply_compile(model: nn.Module, *, fullgraph: bool = True) -> None:
     """Compile each block (fullgraph) before FSDP wraps it, so FSDP's hooks stay outside the compiled graph.
 
     `torch.compile(block)` rather than `block.compile()`: the latter compiles `__call__` with its hooks, and
@@ -106,8 +108,3 @@ def apply_compile(model: nn.Module, *, compile_loss: bool = True, fullgraph: boo
     """
     for name, block in model.layers.named_children():
         model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
-    # The loss runs outside the blocks; compiled, its fp32 upcast and log-softmax fuse instead of
-    # materialising [tokens, vocab] fp32 logits several times.
-    # Not under tensor parallelism: the vocabulary-parallel loss issues collectives from an autograd Function.
-    if compile_loss:
-        model.ops.loss = torch.compile(model.ops.loss, fullgraph=True)

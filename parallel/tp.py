@@ -1,27 +1,28 @@
 """Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) with sequence parallelism (Korthikanti et al. 2022)
-and loss parallelism, applied to the Llama model through DTensor's `parallelize_module`.
+and loss parallelism, applied to any model through DTensor's `parallelize_module` by its family's plan
+(`ModelSpec.tp_plan`: FQN pattern -> style name, e.g. models/llama/plan.py). This file names no module.
 
-Placements on the `tp` mesh axis, per block (S = sequence dim 1):
+Placements on the `tp` mesh axis, per style (S = sequence dim 1):
 
     residual stream      Shard(S)     sequence-parallel: each rank holds S/tp positions between blocks
-    input_layernorm      Shard(S)     norms run on the shard (SequenceParallel), weights replicated
-    -> attention input   Replicate    all-gather over S (forward), reduce-scatter of its gradient (backward)
-    q/k/v_proj           column-wise  each rank computes num_heads/tp query and num_kv_heads/tp kv heads
-    o_proj               row-wise     partial sums reduce-scattered back to Shard(S) (forward),
+    norm                 Shard(S)     norms run on the shard (SequenceParallel), weights replicated
+    sublayer_input       Replicate    all-gather over S (forward), reduce-scatter of its gradient (backward)
+    colwise              column-wise  each rank computes its slice of output features (heads, MLP columns)
+    rowwise              row-wise     partial sums reduce-scattered back to Shard(S) (forward),
                                       all-gather of the gradient (backward)
-    mlp gate/up_proj     column-wise, down_proj row-wise, with the same all-gather / reduce-scatter pair
 
-Embedding: vocabulary-sharded (row-wise); its partial outputs are reduce-scattered to Shard(S). Output: the
-final norm's output is all-gathered to Replicate and multiplied by the vocabulary-sharded output weight, so
-logits are Shard(vocab) and never gathered: cross-entropy runs under torch's `loss_parallel` (all-reduces of
-the row max, the sum of exponentials and the target logit over `tp`). With tied embeddings the embedding and
-the output share one weight, sharded on the vocabulary in both roles.
+embedding: vocabulary-sharded (row-wise); its partial outputs are reduce-scattered to Shard(S). final_norm and
+output: the final norm's output is all-gathered to Replicate and multiplied by the vocabulary-sharded output
+weight, so logits are Shard(vocab) and never gathered: cross-entropy runs vocabulary-parallel (parallel/loss.py:
+all-reduces of the row max, the sum of exponentials and the target logit over `tp`). With tied embeddings the
+embedding and the output share one weight, sharded on the vocabulary in both roles.
 
 Without sequence parallelism the residual stream is replicated and the block boundaries all-reduce instead.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     PrepareModuleOutput,
     RowwiseParallel,
@@ -38,8 +40,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from treadle.kernels.reference import rmsnorm_torch
 from treadle.models.lora import LoRALinear
-from treadle.models.ops import rmsnorm_torch
 
 
 def _distribute_own(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
@@ -167,76 +169,60 @@ def enable_comm_reordering(*, batch_chunks: bool = False) -> None:
         inductor_config.score_fusion_memory_threshold = max(threshold, 1 << 20)
 
 
-def apply_batch_overlap(blocks: nn.ModuleDict, *, chunks: int = 2) -> None:
-    """Run each block's micro-batch as `chunks` batch chunks interleaved sublayer by sublayer (DeepSpeed Domino,
-    Wang et al. 2024, "Domino: Eliminating Communication in LLM Training via Generic Tensor Slicing and
-    Overlapping", its batch split only).
-
-    Without sequence parallelism a TP block has one all-reduce after each row-parallel sublayer (attention's
-    o_proj, the MLP's down_proj) and, in backward, one after each column-parallel input (the gradient of the
-    replicated activations). With chunks c0, c1 in the order attention(c0), attention(c1), mlp(c0), mlp(c1),
-    nothing c1 computes waits for c0's all-reduce: the collective runs on the communication stream while
-    c1's GEMMs run, and backward (autograd follows the reverse order) interleaves the same way. The
-    collectives are ordinary async ones. Eager, DTensor's functional all-reduce is waited at its first use.
-    Traced, the wait follows the collective at once, so compiled blocks need Inductor's compute/communication
-    reordering (`enable_comm_reordering`; the engine turns it on with this option). The price is GEMMs on half
-    the rows. Sequence parallelism has an all-gather *before* each sublayer's GEMMs, on the critical path of its
-    own chunk, so the option requires it off (checked in config).
-
-    Measured (2 H200s, 1B, seq 4096, compiled; benchmarks/async_tp.sh), against plain TP+SP: 1.03-1.06x at
-    micro-batch 4 and 1.03x at 8, where TP without SP under the same reordering is 1.02-1.08x. Exposed
-    communication falls to 8-10 ms/step from 24-34, but the GEMMs slow down beside the all-reduces and at
-    micro-batch 4 the host, not the GPU, sets the step time.
-    """
-    for name, block in blocks.items():
-        if not hasattr(block, "batch_chunks"):
-            raise ValueError(
-                f"parallel.tp_batch_overlap=true needs the Llama blocks of treadle.models.llama; block {name} is "
-                f"{type(block).__name__}; fix: set parallel.tp_batch_overlap=false"
-            )
-        block.batch_chunks = chunks
+def _matches(pattern: str, fqn: str) -> bool:
+    """`*` matches exactly one name component: `layers.*.mlp` matches `layers.3.mlp`, not `layers.3.x.mlp`."""
+    parts, names = pattern.split("."), fqn.split(".")
+    return len(parts) == len(names) and all(p in ("*", n) for p, n in zip(parts, names, strict=True))
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
-    """Shard `model` (still on the meta device) over `tp_mesh` in place."""
+def _positional_inputs(module: nn.Module) -> int:
+    params = inspect.signature(module.forward).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _styles(style: str, module: nn.Module, stream: Placement, sequence_parallel: bool) -> list[ParallelStyle]:
+    """The DTensor styles of one plan entry (style names: `models.spec.TP_STYLES`), applied in order."""
+    if style == "colwise":
+        return [_colwise(module)]
+    if style == "rowwise":
+        return [_rowwise(module, output_layouts=stream)]
+    if style == "embedding":
+        return [RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)]
+    if style == "output":
+        return [ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)]
+    norm = [SequenceParallel()] if sequence_parallel else []
+    if style == "norm":
+        return norm
+    if style == "final_norm":
+        # The loss takes the norm's output as a replicated DTensor (see the module docstring).
+        to_replicate = PrepareModuleOutput(
+            output_layouts=stream, desired_output_layouts=Replicate(), use_local_output=False
+        )
+        return [to_replicate, *norm]
+    if style == "sublayer_input":
+        others = (None,) * (_positional_inputs(module) - 1)
+        return [
+            PrepareModuleInput(input_layouts=(stream, *others), desired_input_layouts=(Replicate(), *others))
+        ]
+    raise ValueError(f"unknown tensor-parallel style {style!r}")
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], *, sequence_parallel: bool) -> None:
+    """Shard `model` (still on the meta device) over `tp_mesh` in place by `plan` (FQN pattern -> style, a
+    family's `ModelSpec.tp_plan`). A pattern that matches no module (an untied model's absent output layer) is
+    skipped; every module a pattern matches gets that entry's styles."""
     # torch's styles re-create the parameters they shard as trainable; frozen ones (a LoRA base) stay frozen.
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     stream = Shard(1) if sequence_parallel else Replicate()
-    norm_style = SequenceParallel() if sequence_parallel else None
-    root_plan = {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
-        # The loss takes the norm's output as a replicated DTensor (see the module docstring).
-        "norm": PrepareModuleOutput(
-            output_layouts=stream, desired_output_layouts=Replicate(), use_local_output=False
-        ),
-    }
-    if model.lm_head is not None:
-        root_plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, tp_mesh, root_plan)
     # DTensor runs the torch norm itself; any other implementation runs on the local rows.
     if model.ops.rmsnorm is not rmsnorm_torch and not isinstance(model.ops.rmsnorm, LocalRowsNorm):
         model.ops.rmsnorm = LocalRowsNorm(model.ops.rmsnorm)
-    if norm_style is not None:
-        parallelize_module(model.norm, tp_mesh, norm_style)
-    for block in model.layers.values():
-        plan = {
-            "self_attn": PrepareModuleInput(
-                input_layouts=(stream, None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
-            ),
-            "self_attn.q_proj": _colwise(block.self_attn.q_proj),
-            "self_attn.k_proj": _colwise(block.self_attn.k_proj),
-            "self_attn.v_proj": _colwise(block.self_attn.v_proj),
-            "self_attn.o_proj": _rowwise(block.self_attn.o_proj, output_layouts=stream),
-            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": _colwise(block.mlp.gate_proj),
-            "mlp.up_proj": _colwise(block.mlp.up_proj),
-            "mlp.down_proj": _rowwise(block.mlp.down_proj, output_layouts=stream),
-        }
-        if norm_style is not None:
-            plan["input_layernorm"] = norm_style
-            plan["post_attention_layernorm"] = norm_style
-        parallelize_module(block, tp_mesh, plan)
+    modules = list(model.named_modules())
+    for pattern, style in plan.items():
+        for fqn, module in modules:
+            if _matches(pattern, fqn):
+                for parallel_style in _styles(style, module, stream, sequence_parallel):
+                    parallelize_module(module, tp_mesh, parallel_style)
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from treadle.models import get_model_spec
+from treadle.models import ModelSpec, get_model_spec
 from treadle.models.hf import load_hf_weights
 from treadle.models.lora import apply_lora, finish_adapters, init_quantized_bases
 from treadle.optim.builder import build_scheduler
 from treadle.parallel.dims import ParallelDims
-from treadle.parallel.engine import WeightLoader, build_engine
+from treadle.parallel.engine import Engine, EngineSetup, WeightLoader, build_engine
 from treadle.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from treadle.train.config import TrainConfig
 from treadle.train.data import StepLoader, build_datasets, prepare_data
@@ -75,10 +75,36 @@ def weight_loader(cfg: TrainConfig) -> WeightLoader | None:
         if cfg.model.pretrained is not None:
             load_hf_weights(model, cfg.model.pretrained)
         else:
-            init_quantized_bases(model, cfg.model, cfg.trainer.seed)
+            init_quantized_bases(model, cfg.trainer.seed)
         finish_adapters(model)
 
     return load
+
+
+def build_model(cfg: TrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
+    """The family's spec and its model on the meta device, with adapters when `cfg.peft` asks for them."""
+    spec = get_model_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = spec.build(cfg.model, cfg.kernels)
+    if cfg.peft.method == "lora":
+        apply_lora(model, cfg.peft)
+    return spec, model
+
+
+def engine_for(cfg: TrainConfig, dims: ParallelDims, device: torch.device) -> Engine:
+    """The engine `parallel.engine` names, given the configs of what it owns."""
+    setup = EngineSetup(
+        dims=dims,
+        parallel=cfg.parallel,
+        memory=cfg.memory,
+        kernels=cfg.kernels,
+        fp8=cfg.fp8,
+        device=device,
+        seed=cfg.trainer.seed,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        grad_accum=cfg.trainer.grad_accum(dims.dp_size),
+    )
+    return build_engine(setup)
 
 
 def world_size_from_env() -> int:
@@ -100,23 +126,10 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     dist.barrier()
     train_data, val_data = build_datasets(cfg.data, vocab_size=cfg.model.vocab_size)
 
-    spec = get_model_spec(cfg.model.name)
-    with torch.device("meta"):
-        model = spec.build(cfg.model, cfg.kernels)
-    if cfg.peft.method == "lora":
-        apply_lora(model, cfg.peft)
-    engine = build_engine(
-        dims,
-        cfg.parallel,
-        cfg.memory,
-        device,
-        cfg.trainer.seed,
-        cfg.fp8,
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        grad_accum=cfg.trainer.grad_accum(dims.dp_size),
-    )
-    model, optimizer = engine.prepare(model, cfg.optim, weight_loader(cfg))
-    scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
+    spec, model = build_model(cfg)
+    engine = engine_for(cfg, dims, device)
+    model_parts = engine.prepare(spec, cfg.model, model, cfg.optim, weight_loader(cfg))
+    scheduler = build_scheduler(engine.optimizer, cfg.optim.schedule, cfg.trainer.max_steps)
     loader = StepLoader(
         train_data,
         global_batch_size=cfg.trainer.global_batch_size,
@@ -132,7 +145,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     flops_per_token = spec.flops_per_token(cfg.model, cfg.data.seq_len)
     trainer_kwargs = dict(
         engine=engine,
-        model=model,
+        model_parts=model_parts,
         scheduler=scheduler,
         train_loader=loader,
         val_dataset=val_data,
@@ -155,15 +168,16 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     if resume_from is not None:
         checkpointer.load(resume_from, trainer.app_state())
     # ZeRO-3 leaves each parameter empty outside forward/backward; ds_numel is its full size.
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    params = [p for part in model_parts for p in part.parameters()]
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
     source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     trainer.metric_logger.message(
         f"model {cfg.model.name}{source}: {num_params / 1e6:.2f}M parameters{trainable}, "
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} "
-        f"× tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
+        f"× tp {dims.tp}{f' × pp {dims.pp}' if dims.pp > 1 else ''}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
         + (f"; resumed from {resume_from} at step {trainer.step}" if resume_from else "")
     )
     return trainer

@@ -7,19 +7,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from treadle.memory.checkpointing import MemoryConfig
+from treadle.models import get_model_spec, load_builtin_families
 from treadle.models.hf import model_config_from_hf
-from treadle.models.llama import ModelConfig
 from treadle.models.lora import PeftConfig
 from treadle.models.ops import KernelsConfig, build_ops
 from treadle.optim.config import SCHEDULES, OptimConfig
+from treadle.parallel.config import ParallelConfig
 from treadle.parallel.cp import CP_VARIANTS
-from treadle.parallel.deepspeed_config import build_ds_config, validate_deepspeed
-from treadle.parallel.dims import ParallelConfig, ParallelDims
+from treadle.parallel.deepspeed_config import build_ds_config
+from treadle.parallel.dims import ParallelDims
+from treadle.parallel.engine import engine_names, get_engine
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
 from treadle.train.checkpoint import CheckpointConfig
@@ -29,7 +33,7 @@ from treadle.train.loggers import LoggingConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAN_POLICIES = ("skip", "abort")
 WANDB_MODES = ("offline", "online", "disabled")
-ENGINES = ("native", "deepspeed")
+DEFAULT_FAMILY = "llama"
 
 
 @dataclass(kw_only=True)
@@ -58,7 +62,9 @@ class TrainerConfig:
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # A family's config dataclass (`ModelSpec.config_cls`): each file of configs/model/ starts from its family's
+    # schema (`defaults: [<family>_schema]`), registered below, so its keys and types are checked.
+    model: Any = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -71,7 +77,19 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="treadle_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="treadle_schema", node=TrainConfig)
+    for spec in load_builtin_families():
+        store.store(group="model", name=f"{spec.name}_schema", node=spec.config_cls)
+
+
+def structured(raw: DictConfig | dict) -> DictConfig:
+    """`raw` (e.g. a run's saved config.yaml) merged into the typed schema, its model into its family's
+    config class (`model.name`, llama when absent)."""
+    schema = OmegaConf.structured(TrainConfig)
+    name = OmegaConf.select(OmegaConf.create(raw), "model.name", default=DEFAULT_FAMILY)
+    schema.model = OmegaConf.structured(get_model_spec(name).config_cls)
+    return OmegaConf.merge(schema, raw)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -85,14 +103,20 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
 
     With `model.pretrained` set, the model's shape fields are replaced by the directory's config.json first.
     """
-    if cfg.model.pretrained is not None:
+    if getattr(cfg.model, "pretrained", None) is not None:
         cfg.model = model_config_from_hf(cfg.model)
-    cfg.model.validate()
-    cfg.peft.validate()
+    spec = get_model_spec(cfg.model.name)
+    _check(
+        isinstance(cfg.model, spec.config_cls),
+        f"model: a {type(cfg.model).__name__} does not configure model.name={cfg.model.name}, whose config is "
+        f"{spec.config_cls.__name__}; fix: choose a model= file of that family, or set model.name",
+    )
+    cfg.peft.validate(spec.linear_names())
     cfg.memory.validate()
     cfg.fp8.validate()
     build_ops(cfg.kernels)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
+    spec.validate(cfg.model, dims, seq_len=cfg.data.seq_len, cp_variant=cfg.parallel.cp_variant)
     _validate_parallel(cfg, dims)
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
@@ -119,17 +143,7 @@ def _validate_memory(cfg: TrainConfig, dims: ParallelDims) -> None:
 
 
 def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
-    """Degrees against the model's shapes, the sequence length and the device."""
-    model = cfg.model
-    _check(
-        model.num_heads % dims.tp == 0 and model.num_kv_heads % dims.tp == 0,
-        f"parallel.tp={dims.tp} must divide model.num_heads={model.num_heads} and model.num_kv_heads="
-        f"{model.num_kv_heads}; fix: pick a tensor-parallel degree that divides both",
-    )
-    _check(
-        model.dim % dims.tp == 0 and model.hidden_dim % dims.tp == 0,
-        f"parallel.tp={dims.tp} must divide model.dim={model.dim} and the MLP hidden size {model.hidden_dim}",
-    )
+    """Degrees against the sequence length, the device and the engine (the model's shapes: its spec)."""
     _check(
         cfg.data.seq_len % (2 * dims.cp) == 0 or dims.cp == 1,
         f"data.seq_len={cfg.data.seq_len} must be divisible by 2 × parallel.cp = {2 * dims.cp} "
@@ -188,44 +202,27 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         "parallelism, or parallel.tp=1 (FSDP still shards the frozen base over all ranks)",
     )
     _check(
-        model.sliding_window is None or cfg.data.seq_len <= model.sliding_window,
-        f"data.seq_len={cfg.data.seq_len} exceeds the pretrained model's attention window "
-        f"model.sliding_window={model.sliding_window}, and windowed attention is not implemented; "
-        f"fix: data.seq_len <= {model.sliding_window}",
+        cfg.parallel.engine in engine_names(),
+        f"parallel.engine={cfg.parallel.engine!r} is not one of {engine_names()}",
     )
-    _check(
-        cfg.parallel.engine in ENGINES,
-        f"parallel.engine={cfg.parallel.engine!r} is not one of {ENGINES}",
-    )
+    engine = get_engine(cfg.parallel.engine)
+    if engine.validate is not None:
+        engine.validate(cfg.parallel, dims)
     if cfg.parallel.engine == "deepspeed":
         _check(
             cfg.peft.method == "none" and not cfg.fp8.enabled,
             "parallel.engine=deepspeed runs full-parameter bf16 training; peft adapters and fp8 linears are "
             "native-engine plans; fix: parallel.engine=native, or peft=none fp8=none",
         )
-        validate_deepspeed(cfg.parallel.deepspeed, tp=dims.tp, cp=dims.cp, dp_replicate=dims.dp_replicate)
         _validate_deepspeed_overrides(cfg, dims)
     _check(
         cfg.parallel.cp_variant in CP_VARIANTS,
         f"parallel.cp_variant={cfg.parallel.cp_variant!r} is not one of {CP_VARIANTS}",
     )
-    if dims.cp > 1 and cfg.parallel.cp_variant == "ulysses":
-        heads, kv_heads = model.num_heads // dims.tp, model.num_kv_heads // dims.tp
-        _check(
-            heads % dims.cp == 0 and kv_heads % dims.cp == 0,
-            f"parallel.cp_variant=ulysses splits heads over parallel.cp={dims.cp}, but each tensor-parallel rank "
-            f"has {heads} query and {kv_heads} key/value heads; fix: use parallel.cp_variant=ring or a cp "
-            f"that divides both",
-        )
     _check(
         dims.tp == 1 or not cfg.parallel.sequence_parallel or cfg.data.seq_len % dims.tp == 0,
         f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={dims.tp} with sequence parallelism; "
         f"fix: change data.seq_len or set parallel.sequence_parallel=false",
-    )
-    _check(
-        dims.tp == 1 or model.vocab_size % dims.tp == 0,
-        f"model.vocab_size={model.vocab_size} must be divisible by parallel.tp={dims.tp} (the embedding and "
-        f"output are sharded on the vocabulary); fix: pad model.vocab_size to a multiple of {dims.tp}",
     )
 
 
@@ -252,12 +249,7 @@ def _runs_on_cuda(device: str) -> bool:
 
 def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
     """Batch arithmetic, data, schedule, logging and checkpoint settings."""
-    model, trainer = cfg.model, cfg.trainer
-    _check(
-        cfg.data.seq_len <= model.max_seq_len,
-        f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
-        f"fix: lower data.seq_len or raise model.max_seq_len",
-    )
+    trainer = cfg.trainer
     _check(trainer.max_steps >= 1, f"trainer.max_steps={trainer.max_steps} must be >= 1")
     _check(trainer.micro_batch_size >= 1, f"trainer.micro_batch_size={trainer.micro_batch_size} must be >= 1")
     per_step = trainer.micro_batch_size * dims.dp_size
@@ -305,7 +297,6 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
 def load_config(overrides: list[str] | None = None) -> TrainConfig:
     """Compose `configs/train.yaml` with Hydra overrides, outside `@hydra.main` (tests, benchmarks, notebooks)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -1,9 +1,10 @@
 """The training loop: one explicit `train_step` that reads top to bottom.
 
-Loss normalisation: the model returns a summed loss and a token count per micro-batch. Every micro-batch's
-loss is divided by the number of counted tokens in the whole global batch (all micro-batches, all data-parallel
-ranks), so the gradient is that of the global mean loss whatever the split into ranks and accumulation steps.
-FSDP averages gradients over the `dp_cp` ranks, so the local loss is multiplied by that size to cancel it.
+Loss normalisation: the engine's loss gives a summed loss per micro-batch. Every micro-batch's loss is divided
+by the number of counted tokens in the whole global batch (all micro-batches, all data-parallel ranks), so the
+gradient is that of the global mean loss whatever the split into ranks and accumulation steps. Gradient
+reduction averages over the `dp_cp` ranks, so the local loss is multiplied by that size to cancel it. The
+engine runs the step's forward and backward (`Engine.forward_backward`) with that scale.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Trainer:
         cfg: TrainerConfig,
         *,
         engine: Engine,
-        model: torch.nn.Module,
+        model_parts: list[torch.nn.Module],
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         train_loader: StepLoader,
         val_dataset: Any,
@@ -54,7 +55,7 @@ class Trainer:
         metric_logger: MetricLogger,
         flops_per_token: float,
     ):
-        self.cfg, self.engine, self.model = cfg, engine, model
+        self.cfg, self.engine, self.model_parts = cfg, engine, model_parts
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.dims, self.device = dims, device
         self.checkpointer, self.metric_logger, self.flops_per_token = (
@@ -62,7 +63,10 @@ class Trainer:
             metric_logger,
             flops_per_token,
         )
-        self.loss_group = dims.flat("dp_cp").get_group()
+        self.loss_group = dims.mesh("dp_cp").get_group()
+        # Every context-parallel rank of a data-parallel rank holds the same (unsharded) batch: tokens are
+        # counted over the data-parallel ranks only.
+        self.count_group = dims.mesh("dp").get_group()
         self.step = 0
         self.consecutive_skips = 0
 
@@ -82,28 +86,18 @@ class Trainer:
             "trainer": self,
         }
 
-    def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.loss_group)
+    def _all_reduce_sum(self, value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group or self.loss_group)
         return value
 
     def forward_backward(self, batches: list[Batch]) -> float:
         """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
-        batches = [self.engine.prepare_batch(b.to(self.device)) for b in batches]
+        batches = [b.to(self.device) for b in batches]
         # Counted on the device: an int() per micro-batch would stall the host on a GPU every time.
         local_count = sum((b.labels != IGNORE_INDEX).sum(dtype=torch.float64) for b in batches)
-        global_count = self._all_reduce_sum(local_count).clamp(min=1)
+        global_count = self._all_reduce_sum(local_count, self.count_group).clamp(min=1)
         scale = self.loss_group.size() / global_count
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.model.train()
-        for batch in batches:
-            micro_loss, _ = self.model(
-                batch.tokens,
-                labels_BS=batch.labels,
-                positions_BS=batch.positions,
-                doc_ids_BS=batch.doc_ids,
-            )
-            self.engine.backward(micro_loss * scale.to(micro_loss.dtype))
-            loss_sum += micro_loss.detach().double()
+        loss_sum = self.engine.forward_backward(batches, scale)
         return (self._all_reduce_sum(loss_sum) / global_count).item()
 
     def train_step(self) -> StepResult:
@@ -138,7 +132,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first `eval_batches` micro-batches per rank of the held-out split; empty
         when there is no held-out split (`data.val_fraction=0`)."""
-        self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in eval_batches(
@@ -148,10 +141,7 @@ class Trainer:
             dp_size=self.dims.dp_size,
             num_batches=self.cfg.eval_batches,
         ):
-            batch = self.engine.prepare_batch(batch.to(self.device))
-            micro_loss, micro_count = self.model(
-                batch.tokens, labels_BS=batch.labels, positions_BS=batch.positions, doc_ids_BS=batch.doc_ids
-            )
+            micro_loss, micro_count = self.engine.eval_loss(batch.to(self.device))
             loss_sum += micro_loss.double()
             count += micro_count.double()
         count = self._all_reduce_sum(count)

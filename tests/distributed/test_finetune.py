@@ -14,10 +14,10 @@ import pytest
 import torch
 from _spawn import run_distributed
 from hf_fixtures import make_hf_model
+from lm_helpers import lm_logits
 
 from treadle.models.debug import chat_examples, write_chats, write_tokenizer
-from treadle.models.hf import export_hf
-from treadle.models.lora import export_peft
+from treadle.models.hf import export_hf, export_peft
 from treadle.train.build import build_trainer
 from treadle.train.config import load_config, validate
 
@@ -59,9 +59,11 @@ def _finetune_and_export(rank: int, world_size: int, args: list[str], out: str) 
     tokens = torch.arange(40).reshape(2, 20) % cfg.model.vocab_size
     trainer.model.eval()
     with torch.no_grad():
-        logits = trainer.model(tokens)
-    export_peft(trainer.model, cfg.peft, Path(out) / "adapter", base_model=cfg.model.pretrained)
-    export_hf(trainer.model, cfg.model, Path(out) / "merged", dtype=torch.float32)
+        logits = lm_logits(trainer.model_parts[0], tokens)
+    export_peft(
+        trainer.model_parts[0], cfg.model, cfg.peft, Path(out) / "adapter", base_model=cfg.model.pretrained
+    )
+    export_hf(trainer.model_parts[0], cfg.model, Path(out) / "merged", dtype=torch.float32)
     return {"losses": losses, "tokens": tokens, "logits": logits}
 
 

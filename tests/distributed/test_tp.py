@@ -9,14 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 from _spawn import run_distributed
+from lm_helpers import lm_loss
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from treadle.models.llama import Llama, ModelConfig
+from treadle.experiments.tp_batch_overlap import apply_batch_overlap
+from treadle.models.llama import TP_PLAN, Llama, ModelConfig
 from treadle.models.ops import KernelsConfig
 from treadle.parallel.fp8 import Float8Config, convert_to_float8
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
-from treadle.parallel.tp import apply_batch_overlap, apply_tp
+from treadle.parallel.tp import apply_tp
 
 pytestmark = pytest.mark.slow
 CFG = dict(dim=64, num_layers=1, num_heads=4, num_kv_heads=2, vocab_size=96, ffn_dim=128, max_seq_len=32)
@@ -43,7 +45,7 @@ def _grads(
     twin = Llama(cfg, kernels)
     twin.init_weights(seed=7)
     convert_to_float8(twin, fp8_cfg, torch.device("cpu"))
-    loss, _ = twin(tokens, labels_BS=labels)
+    loss, _ = lm_loss(twin, tokens, labels)
     loss.backward()
 
     with torch.device("meta"):
@@ -53,14 +55,14 @@ def _grads(
     apply_tp(
         model,
         init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)),
+        TP_PLAN,
         sequence_parallel=sequence_parallel,
     )
     if batch_overlap:
         apply_batch_overlap(model.layers)
-    model.ops.loss = vocab_parallel_linear_cross_entropy
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
-    tp_loss, _ = model(tokens, labels_BS=labels)
+    tp_loss, _ = lm_loss(model, tokens, labels, op=vocab_parallel_linear_cross_entropy)
     tp_loss.backward()
 
     errors = {"loss": abs(tp_loss.item() - loss.item())}
@@ -70,7 +72,7 @@ def _grads(
         block = model.layers["0"]
         for name in ("self_attn", "mlp"):
             getattr(block, name).register_forward_hook(lambda m, a, o, name=name: order.append(name))
-        model(tokens, labels_BS=labels)
+        lm_loss(model, tokens, labels, op=vocab_parallel_linear_cross_entropy)
         errors["order"] = float(order != ["self_attn", "self_attn", "mlp", "mlp"])
     twin_params = dict(twin.named_parameters())
     for name, param in model.named_parameters():
@@ -128,7 +130,12 @@ def _compiled_block_order(rank: int, world_size: int, mode: str) -> list[str]:
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Llama(ModelConfig(**CFG))
-    apply_tp(model, init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)), sequence_parallel=False)
+    apply_tp(
+        model,
+        init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)),
+        TP_PLAN,
+        sequence_parallel=False,
+    )
     apply_batch_overlap(model.layers)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)

@@ -5,6 +5,7 @@ fp32 in Triton's CPU interpreter: kernels and references differ only in summatio
 """
 
 import torch
+from lm_helpers import lm_loss
 
 from treadle.models.llama import Llama, ModelConfig
 from treadle.models.ops import KernelsConfig
@@ -26,7 +27,7 @@ def _loss_and_grads(kernels: KernelsConfig, doc_ids: torch.Tensor | None):
         if doc_ids is None
         else torch.cat([torch.arange(9), torch.arange(15)]).expand(2, 24)
     )
-    loss, count = model(tokens, labels_BS=labels, positions_BS=positions, doc_ids_BS=doc_ids)
+    loss, count = lm_loss(model, tokens, labels, kernels=kernels, positions_BS=positions, doc_ids_BS=doc_ids)
     (loss / count).backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

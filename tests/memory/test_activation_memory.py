@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_helpers import lm_loss
 
 from treadle.memory.activations import SavedActivationHooks, apply_activation_memory, install_block_hooks
 from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
@@ -36,7 +37,7 @@ def _run(hooks: SavedActivationHooks | None, ac: str = "none", compile: bool = F
 
             model.ops.attention = _exempt_op(model.ops.attention, hooks)
     tokens = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
-    loss, count = model(tokens, labels_BS=tokens)
+    loss, count = lm_loss(model, tokens, tokens)
     (loss / count).backward()
     grads = {
         n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad
@@ -101,7 +102,7 @@ def test_compression_under_compile() -> None:
     apply_compile(model)
     install_block_hooks(model.layers, everything)
     tokens = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
-    model(tokens, labels_BS=tokens)
+    lm_loss(model, tokens, tokens)
     assert everything.packed_bytes < fp8.packed_bytes
 
 
@@ -114,7 +115,7 @@ def test_attention_tensors_are_not_compressed() -> None:
     model.init_weights(seed=1)
     install_block_hooks(model.layers, everything)
     tokens = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))
-    model(tokens, labels_BS=tokens)
+    lm_loss(model, tokens, tokens)
     assert everything.packed_bytes < exempt.packed_bytes
 
 

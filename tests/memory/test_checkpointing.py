@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from lm_helpers import lm_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,7 +51,7 @@ def _run(mode: str) -> Run:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, count = model(tokens, labels_BS=labels)
+        loss, count = lm_loss(model, tokens, labels)
     with FlopCounterMode(display=False) as flops, _CountRsqrt() as rsqrt:
         (loss / count).backward()
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fp8_fixtures import BLOCK_LINEARS, CFG, CPU, rel_error
+from lm_helpers import lm_loss
 
 from treadle.kernels.fp8_cast import fp8_linear_reference
 from treadle.models.llama import Llama
@@ -91,7 +92,7 @@ def test_model_with_fp8_linears_tracks_fp32_model() -> None:
     tokens = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(1))
     losses, grads = [], []
     for model in (ref, fp8):
-        loss, count = model(tokens, labels_BS=tokens)
+        loss, count = lm_loss(model, tokens, tokens)
         (loss / count).backward()
         losses.append((loss / count).item())
         grads.append({n: p.grad for n, p in model.named_parameters()})

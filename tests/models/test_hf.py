@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from hf_fixtures import ARCHS, make_hf_model
+from lm_helpers import lm_logits
 
 from treadle.models.hf import export_hf, load_hf_weights, model_config_from_hf
 from treadle.models.llama import Llama, ModelConfig
@@ -39,7 +40,7 @@ def test_logits_equal_transformers_and_export_reloads(tmp_path, arch, tie):
     ours, cfg = load_ours(model_dir)
     tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = ours(tokens)
+        logits = lm_logits(ours, tokens)
     reference = hf_logits(model_dir, tokens)
     torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import lm_logits, lm_loss
 
 from treadle.models.llama import Llama, ModelConfig, RopeScalingConfig, flops_per_token, rope_frequencies
 from treadle.models.ops import attention_eager, attention_sdpa, document_causal_mask
@@ -41,8 +42,8 @@ def test_loss_equals_cross_entropy_of_logits():
     tokens = torch.randint(0, 97, (2, 16))
     labels = torch.randint(0, 97, (2, 16))
     labels[0, :3] = -100
-    loss_sum, count = model(tokens, labels_BS=labels)
-    logits = model(tokens)
+    loss_sum, count = lm_loss(model, tokens, labels)
+    logits = lm_logits(model, tokens)
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     assert count.item() == 29
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
@@ -82,8 +83,8 @@ def test_packed_documents_do_not_see_each_other():
     packed = torch.cat([doc_a, doc_b], dim=1)
     positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
     doc_ids = torch.tensor([[0] * 5 + [1] * 7])
-    logits_packed = model(packed, positions_BS=positions, doc_ids_BS=doc_ids)
-    torch.testing.assert_close(logits_packed[:, 5:], model(doc_b), rtol=1e-4, atol=1e-5)
+    logits_packed = lm_logits(model, packed, positions_BS=positions, doc_ids_BS=doc_ids)
+    torch.testing.assert_close(logits_packed[:, 5:], lm_logits(model, doc_b), rtol=1e-4, atol=1e-5)
 
 
 def test_llama3_rope_scaling_bands():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_fixtures import make_hf_model
+from lm_helpers import lm_logits
 
 from treadle.memory.nf4 import NF4_LEVELS, dequantize_nf4, nf4_linear, quantize_nf4
-from treadle.models.hf import export_hf, load_hf_weights, model_config_from_hf
+from treadle.models.hf import export_hf, export_peft, load_hf_weights, model_config_from_hf
 from treadle.models.llama import Llama, ModelConfig
-from treadle.models.lora import LoRALinear, PeftConfig, apply_lora, export_peft, finish_adapters
+from treadle.models.lora import LoRALinear, PeftConfig, apply_lora, finish_adapters
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -42,7 +43,7 @@ def test_adapters_start_as_the_base_and_only_they_train(tmp_path):
     model, cfg = adapted_model(model_dir, PeftConfig(method="lora", rank=4, use_dora=True))
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), base(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(lm_logits(model, tokens), lm_logits(base, tokens), atol=1e-5, rtol=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 7 * cfg.num_layers
@@ -65,9 +66,9 @@ def test_peft_adapter_and_merged_export_give_our_logits(tmp_path, variant):
     model.eval()  # dropout off, as PEFT's eval
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model(tokens)
+        ours = lm_logits(model, tokens)
 
-    adapter = export_peft(model, peft_cfg, tmp_path / "adapter", base_model=str(model_dir))
+    adapter = export_peft(model, cfg, peft_cfg, tmp_path / "adapter", base_model=str(model_dir))
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         base_logits = base(tokens).logits.clone()
@@ -115,12 +116,12 @@ def test_qlora_model_stores_the_base_in_nf4_and_exports_it_dequantized(tmp_path)
     tokens = torch.randint(0, cfg.vocab_size, (1, 16))
     with torch.no_grad():
         # 4-bit weights: close to the dense model, not equal.
-        error = (model(tokens) - dense(tokens)).abs().max()
+        error = (lm_logits(model, tokens) - lm_logits(dense, tokens)).abs().max()
     assert 0 < error < 0.5
     merged = export_hf(model, cfg, tmp_path / "merged", dtype=torch.float32)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(tokens).logits, model(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(tokens).logits, lm_logits(model, tokens), atol=1e-5, rtol=0)
 
 
 def test_bad_targets_are_refused():

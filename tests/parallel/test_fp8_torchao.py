@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fp8_fixtures import BLOCK_LINEARS, CFG, CPU, rel_error
+from lm_helpers import lm_loss
 
 from treadle.models.llama import Llama
 from treadle.parallel import fp8 as fp8_plan
@@ -120,7 +121,7 @@ def test_model_tracks_fp32_and_the_treadle_backend() -> None:
         model.init_weights(seed=3)
         if backend != "fp32":
             _convert(model, backend=backend)
-        loss, count = model(tokens, labels_BS=tokens)
+        loss, count = lm_loss(model, tokens, tokens)
         (loss / count).backward()
         losses[backend] = (loss / count).item()
         grads[backend] = {n: p.grad for n, p in model.named_parameters()}

@@ -2,8 +2,9 @@
 
 Shape legend: B batch, S sequence, E model dim, H query heads, K key/value heads, D head dim, F MLP hidden, V vocab.
 
-The model holds no collective and no parallel logic: `parallel/` applies plans to it from outside. Build it on
-the meta device, apply the plans, `to_empty`, then `init_weights`. Hot ops go through `models.ops.Ops`.
+The model holds no collective and no parallel logic: `parallel/` applies the family's plans (models/llama/plan.py)
+to it from outside. Build it on the meta device, apply the plans, `to_empty`, then `init_weights`. Hot ops go
+through `models.ops.Ops`; the loss is applied to the returned hidden states by `models.loss`.
 Parameter names follow the Hugging Face Llama layout where it costs nothing (q/k/v/o_proj, gate/up/down_proj),
 which keeps the HF state-dict adapter a renaming.
 """
@@ -11,13 +12,14 @@ which keeps the HF state-dict adapter a renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from treadle.models.init import fill_
-from treadle.models.ops import IGNORE_INDEX, KernelsConfig, Ops, build_ops
+from treadle.models.init import canonical_name, fill_
+from treadle.models.ops import KernelsConfig, Ops, build_ops
 
 
 @dataclass(kw_only=True)
@@ -163,9 +165,6 @@ class TransformerBlock(nn.Module):
         self.self_attn = Attention(cfg, ops)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.mlp = FeedForward(cfg, ops)
-        # > 1: the batch runs as this many chunks, interleaved sublayer by sublayer (parallel/tp.py's batch
-        # overlap: one chunk's tensor-parallel all-reduce runs while the next chunk computes).
-        self.batch_chunks = 1
 
     def forward(
         self,
@@ -174,44 +173,22 @@ class TransformerBlock(nn.Module):
         sin_BSD: torch.Tensor,
         doc_ids_BS: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.batch_chunks > 1 and x_BSE.shape[0] > 1:
-            return self._forward_chunks(x_BSE, cos_BSD, sin_BSD, doc_ids_BS)
         h_BSE = x_BSE + self.self_attn(self.input_layernorm(x_BSE), cos_BSD, sin_BSD, doc_ids_BS)
         return h_BSE + self.mlp(self.post_attention_layernorm(h_BSE))
 
-    def _forward_chunks(
-        self,
-        x_BSE: torch.Tensor,
-        cos_BSD: torch.Tensor,
-        sin_BSD: torch.Tensor,
-        doc_ids_BS: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The same block on batch chunks, ordered so that every chunk's sublayer output has the next chunk's work
-        to hide its collective behind: attention(c0), attention(c1), then per chunk the residual add (the first
-        use of its attention all-reduce) and the MLP, then the MLP residual adds. Only the last chunk's MLP
-        all-reduce has nothing after it in the block. Rows are independent, so the result equals the unchunked
-        forward's up to GEMM summation order."""
-        batch = x_BSE.shape[0]
-        chunks = min(self.batch_chunks, batch)
-
-        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
-            # RoPE tables and document ids are per sequence ([B, ...]) or shared by all ([1, ...]).
-            if t is None or t.shape[0] != batch:
-                return [t] * chunks
-            return list(t.tensor_split(chunks))
-
-        xs = x_BSE.tensor_split(chunks)
-        parts = zip(xs, split(cos_BSD), split(sin_BSD), split(doc_ids_BS), strict=True)
-        attn_outs = [self.self_attn(self.input_layernorm(x), cos, sin, doc) for x, cos, sin, doc in parts]
-        hs, mlp_outs = [], []
-        for x, attn_out in zip(xs, attn_outs, strict=True):
-            hs.append(x + attn_out)
-            mlp_outs.append(self.mlp(self.post_attention_layernorm(hs[-1])))
-        return torch.cat([h + m for h, m in zip(hs, mlp_outs, strict=True)])
+    def residual_branches(self) -> list[Callable[..., torch.Tensor]]:
+        """The block as its residual branches, in order: x ← x + branch(x, cos, sin, doc_ids) for each, which
+        is what `forward` computes. Experiments that reorder work across batch chunks run them one at a time
+        (experiments/tp_batch_overlap.py)."""
+        return [
+            lambda x, cos, sin, doc: self.self_attn(self.input_layernorm(x), cos, sin, doc),
+            lambda x, cos, sin, doc: self.mlp(self.post_attention_layernorm(x)),
+        ]
 
 
 class Llama(nn.Module):
-    """Decoder-only transformer. `forward(tokens, labels=...)` returns (summed loss, token count)."""
+    """Decoder-only transformer. `forward(tokens)` returns the final (normed) hidden states [B, S, E]; the loss
+    (`models.loss`) multiplies them by `output_weight`."""
 
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
         super().__init__()
@@ -237,17 +214,20 @@ class Llama(nn.Module):
         1/sqrt(2·num_layers) (GPT-2 §2.3) so that the residual variance does not grow with depth.
         """
         self.inv_freq.copy_(rope_frequencies(self.cfg, device=self.inv_freq.device))
-        std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
         for name, param in self.named_parameters():
             if name.endswith(("norm.weight", "layernorm.weight")):
                 fill_(param, name, seed, std=None)
             elif name.endswith((".bias", "lora_B.weight")):
                 # LoRA's B starts at zero so that the adapted model starts as the base model (Hu et al. 2021 §4.1).
                 fill_(param, name, seed, std=None, constant=0.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                fill_(param, name, seed, std=depth_std)
             else:
-                fill_(param, name, seed, std=std)
+                fill_(param, name, seed, std=self.weight_std(name))
+
+    def weight_std(self, name: str) -> float:
+        """The init std of the weight called `name` (also used for NF4 bases created quantized)."""
+        if canonical_name(name).endswith(("o_proj.weight", "down_proj.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        return self.cfg.init_std
 
     def rope_tables(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BSd = positions_BS[..., None].float() * self.inv_freq
@@ -258,11 +238,10 @@ class Llama(nn.Module):
         self,
         tokens_BS: torch.Tensor,
         *,
-        labels_BS: torch.Tensor | None = None,
         positions_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, S, V] without labels; with labels, (summed loss, number of counted tokens)."""
+    ) -> torch.Tensor:
+        """The final hidden states [B, S, E] (after the final norm)."""
         if positions_BS is None:
             positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
         h_BSE = self.embed_tokens(tokens_BS)
@@ -270,12 +249,7 @@ class Llama(nn.Module):
         cos_BSD, sin_BSD = cos_BSD.to(h_BSE.dtype), sin_BSD.to(h_BSE.dtype)
         for block in self.layers.values():
             h_BSE = block(h_BSE, cos_BSD, sin_BSD, doc_ids_BS)
-        h_BSE = self.norm(h_BSE)
-        if labels_BS is None:
-            return h_BSE @ self.output_weight.t()
-        return self.ops.loss(
-            h_BSE.flatten(0, 1), self.output_weight, labels_BS.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return self.norm(h_BSE)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
