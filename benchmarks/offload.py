@@ -68,8 +68,9 @@ def run_case(mode: str, size: str, args: argparse.Namespace) -> dict:
     from treadle.parallel.config import ParallelConfig
     from treadle.parallel.deepspeed_config import DeepSpeedConfig
     from treadle.parallel.dims import ParallelDims
-    from treadle.parallel.engine import EngineSetup, build_engine
+    from treadle.parallel.engine import EngineSetup
     from treadle.parallel.fp8 import Float8Config
+    from treadle.parallel.registry import build_engine
     from treadle.train.build import process_group
     from treadle.train.data import Batch
 

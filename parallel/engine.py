@@ -1,6 +1,6 @@
 """Engines own sharding, the forward/backward schedule and the optimizer step; every engine serves the same
-`Trainer`, which keeps data, token counting and loss normalisation. Engines are one registry: name → config
-class, validation, factory (`register_engine`, `build_engine`)."""
+`Trainer`, which keeps data, token counting and loss normalisation. This file holds the protocol, what engines
+share and the native engine; parallel/registry.py maps engine names to their factories."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from treadle.optim.clip import clip_grad_norm_
 from treadle.optim.config import OptimConfig
 from treadle.parallel.config import ParallelConfig
 from treadle.parallel.cp import apply_cp, shard_sequences
-from treadle.parallel.deepspeed_config import DeepSpeedConfig, validate_deepspeed
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
@@ -264,54 +263,3 @@ class NativeEngine:
                     f"checkpoint.resume: the checkpoint lacks trainable parameters {missing[:3]} (of {len(missing)}); "
                     "it was saved with other peft settings (peft.method, peft.target_modules, peft.use_dora)"
                 )
-
-
-@dataclass(frozen=True)
-class EngineEntry:
-    name: str
-    factory: Callable[[EngineSetup], Engine]
-    # The engine's own config dataclass (a field of ParallelConfig, e.g. `parallel.deepspeed`), if it has one.
-    config_cls: type | None = None
-    # (parallel config, dims) -> None: raises ValueError naming the key and the fix.
-    validate: Callable[[ParallelConfig, ParallelDims], None] | None = None
-
-
-_ENGINES: dict[str, EngineEntry] = {}
-
-
-def register_engine(entry: EngineEntry) -> None:
-    _ENGINES[entry.name] = entry
-
-
-def engine_names() -> tuple[str, ...]:
-    return tuple(_ENGINES)
-
-
-def get_engine(name: str) -> EngineEntry:
-    if name not in _ENGINES:
-        raise ValueError(f"parallel.engine={name!r} is not one of {engine_names()}")
-    return _ENGINES[name]
-
-
-def build_engine(setup: EngineSetup) -> Engine:
-    """The engine named by `parallel.engine`."""
-    return get_engine(setup.parallel.engine).factory(setup)
-
-
-def _deepspeed_engine(setup: EngineSetup) -> Engine:
-    # Imported here: the module pulls in DeepSpeed only when this engine is used.
-    from treadle.parallel.deepspeed_engine import DeepSpeedEngine
-
-    return DeepSpeedEngine(setup)
-
-
-def _validate_deepspeed(cfg: ParallelConfig, dims: ParallelDims) -> None:
-    validate_deepspeed(cfg.deepspeed, tp=dims.tp, cp=dims.cp, dp_replicate=dims.dp_replicate)
-
-
-register_engine(EngineEntry(name="native", factory=NativeEngine))
-register_engine(
-    EngineEntry(
-        name="deepspeed", factory=_deepspeed_engine, config_cls=DeepSpeedConfig, validate=_validate_deepspeed
-    )
-)

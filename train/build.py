@@ -20,7 +20,8 @@ from treadle.models.hf import load_hf_weights
 from treadle.models.lora import apply_lora, finish_adapters, init_quantized_bases
 from treadle.optim.builder import build_scheduler
 from treadle.parallel.dims import ParallelDims
-from treadle.parallel.engine import Engine, EngineSetup, WeightLoader, build_engine
+from treadle.parallel.engine import Engine, EngineSetup, WeightLoader
+from treadle.parallel.registry import build_engine
 from treadle.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from treadle.train.config import TrainConfig
 from treadle.train.data import StepLoader, build_datasets, prepare_data

@@ -23,9 +23,9 @@ from treadle.parallel.config import ParallelConfig
 from treadle.parallel.cp import CP_VARIANTS
 from treadle.parallel.deepspeed_config import build_ds_config
 from treadle.parallel.dims import ParallelDims
-from treadle.parallel.engine import engine_names, get_engine
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
+from treadle.parallel.registry import engine_names, get_engine
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
 from treadle.train.loggers import LoggingConfig

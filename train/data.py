@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from treadle.models.ops import IGNORE_INDEX
+from treadle.train.batch import Batch
 from treadle.train.corpus import (
     TOKEN_DTYPES,
     TokenFileMeta,
@@ -31,6 +32,7 @@ from treadle.train.corpus import (
     ensure_stdlib_tokens,
     read_token_meta,
 )
+from treadle.train.sft import PackedConversations, ensure_sft_tokens
 from treadle.train.tokenizer import BYTE_TOKENIZER, HFTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,25 +81,6 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(
             f"data.token_dtype={cfg.token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}"
         )
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # [B, S] int64
-    labels: torch.Tensor  # [B, S] int64, IGNORE_INDEX where no loss is taken
-    positions: torch.Tensor  # [B, S] int64, RoPE positions (restart per document with document_mask)
-    doc_ids: torch.Tensor | None  # [B, S] int64 document index within the row, or None without document_mask
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
-        doc_ids = None if self.doc_ids is None else move(self.doc_ids)
-        return Batch(move(self.tokens), move(self.labels), move(self.positions), doc_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
 
 
 def pack_windows(windows_BS1: torch.Tensor, *, eos_id: int | None, document_mask: bool) -> Batch:
@@ -292,7 +275,6 @@ def tokenizer_vocab_size(cfg: DataConfig) -> int | None:
 
 
 def _sft_cache(cfg: DataConfig) -> tuple[Path, HFTokenizer]:
-    from treadle.train.sft import ensure_sft_tokens
 
     assert cfg.path is not None
     tokenizer = load_tokenizer(cfg.tokenizer, eos_id=cfg.eos_id)
@@ -325,7 +307,6 @@ def _num_val(num: int, val_fraction: float) -> int:
 
 
 def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
-    from treadle.train.sft import PackedConversations
 
     cache, tokenizer = _sft_cache(cfg)
     if tokenizer.vocab_size > vocab_size:

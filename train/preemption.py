@@ -19,13 +19,13 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from treadle.train.trainer import Trainer
+from treadle.train.checkpoint import CheckpointManager
+from treadle.train.loggers import MetricLogger
 
 # EX_TEMPFAIL from sysexits.h, "temporary failure; the user is invited to retry": the run is not finished
 # and resuming (checkpoint.resume=auto) continues it. Distinct from 0 (done) and 1 (an error).
@@ -73,18 +73,19 @@ def requested(device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def stop(trainer: Trainer) -> NoReturn:
-    """Save the checkpoint of `trainer.step` (unless the periodic save just wrote it), close the checkpointer
-    and the metric sinks, then raise `Preempted`. Collective, like the save itself."""
-    checkpointer = trainer.checkpointer
+def stop(
+    step: int, checkpointer: CheckpointManager, app_state: dict[str, Any], metric_logger: MetricLogger
+) -> NoReturn:
+    """Save the checkpoint of `step` (unless the periodic save just wrote it), close the checkpointer and the
+    metric sinks, then raise `Preempted`. Collective, like the save itself."""
     # `Trainer.fit` asks after its periodic `maybe_save`, so a periodic step is on disk (or in flight) already;
     # a second save of it would only spend the time SLURM's warning leaves.
     every = checkpointer.cfg.every
-    if not (every > 0 and trainer.step % every == 0):
-        checkpointer.save(trainer.step, trainer.app_state())
+    if not (every > 0 and step % every == 0):
+        checkpointer.save(step, app_state)
     checkpointer.close()  # finishes an async save
-    error = Preempted(trainer.step, _received)
-    trainer.metric_logger.message(str(error))
+    error = Preempted(step, _received)
+    metric_logger.message(str(error))
     # Exit code 0 for the sinks: W&B would mark a nonzero one as a crashed run, and this one resumes.
-    trainer.metric_logger.close()
+    metric_logger.close()
     raise error

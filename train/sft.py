@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from treadle.models.ops import IGNORE_INDEX
+from treadle.train.batch import Batch
 from treadle.train.corpus import _key, list_document_files
-from treadle.train.data import Batch
 from treadle.train.tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)

@@ -173,7 +173,8 @@ class Trainer:
                     self._log_eval()
                 self.checkpointer.maybe_save(self.step, self.app_state())
             if preemption.requested(self.device):  # SIGUSR1/SIGTERM on any rank: all stop at this step
-                preemption.stop(self)  # saves this step's checkpoint, raises Preempted
+                # Saves this step's checkpoint, raises Preempted.
+                preemption.stop(self.step, self.checkpointer, self.app_state(), self.metric_logger)
         if not self.cfg.eval_every or self.cfg.max_steps % self.cfg.eval_every:
             self._log_eval()
         self.checkpointer.maybe_save(self.step, self.app_state(), final=True)
