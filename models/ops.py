@@ -35,13 +35,14 @@ class KernelsConfig:
 @dataclass
 class Ops:
     """One table per model, shared by reference by every module of it: a parallel plan that swaps an entry
-    (`model.ops.attention = ...`) swaps it for every block at once. The loss is not in it: the model returns
-    hidden states and the engine applies the loss component (`models.loss`, built by `build_loss_op`)."""
+    (`model.ops.attention = ...`) swaps it for every block at once."""
 
     attention: Callable[..., torch.Tensor]
     rmsnorm: Callable[..., torch.Tensor]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     swiglu: Callable[..., torch.Tensor]
+    # Not called by the model (it returns hidden states): the loss component (models/loss.py) applies it.
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -146,9 +147,8 @@ def available_ops() -> dict[str, list[str]]:
 
 
 def build_ops(cfg: KernelsConfig) -> Ops:
-    """The model's op table; checks (and imports) every choice of `cfg`, the loss's included."""
-    chosen = {f.name: resolve_op(f.name, getattr(cfg, f.name)) for f in fields(KernelsConfig)}
-    return Ops(**{f.name: chosen[f.name] for f in fields(Ops)})
+    """The model's op table; checks (and imports) every choice of `cfg`."""
+    return Ops(**{f.name: resolve_op(f.name, getattr(cfg, f.name)) for f in fields(KernelsConfig)})
 
 
 def build_loss_op(cfg: KernelsConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

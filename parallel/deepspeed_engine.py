@@ -32,6 +32,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,7 @@ class DeepSpeedEngine:
         self.ds: Any = None  # deepspeed.DeepSpeedEngine, after prepare()
         self.model_parts: list[nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.post_step: tuple[Callable[[list[nn.Module]], None], ...] = ()
 
     def ds_config(self, optim_cfg: OptimConfig) -> dict[str, Any]:
         return build_ds_config(
@@ -204,7 +206,7 @@ class DeepSpeedEngine:
             config=self.ds_config(optim_cfg),
             dist_init_required=False,
         )
-        self.model_parts = [model]
+        self.model_parts, self.post_step = [model], spec.post_step
         return self.model_parts
 
     def _build_optimizer(self, model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -250,7 +252,11 @@ class DeepSpeedEngine:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
-        return StepStats(grad_norm=grad_norm, skipped=not self.ds.was_step_applied())
+        applied = self.ds.was_step_applied()
+        if applied:
+            for hook in self.post_step:
+                hook(self.model_parts)
+        return StepStats(grad_norm=grad_norm, skipped=not applied)
 
     # DCP holds only what identifies the DeepSpeed files; they are written and read by save/load_files.
     def state_dict(self) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def _finetune_and_export(rank: int, world_size: int, args: list[str], out: str) 
     trainer = build_trainer(cfg, dims, torch.device("cpu"))
     losses = trainer.fit()
     tokens = torch.arange(40).reshape(2, 20) % cfg.model.vocab_size
-    trainer.model.eval()
+    trainer.model_parts[0].eval()
     with torch.no_grad():
         logits = lm_logits(trainer.model_parts[0], tokens)
     export_peft(

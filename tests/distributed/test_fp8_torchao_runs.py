@@ -88,7 +88,7 @@ def _fsdp_float8_all_gather(rank: int, world_size: int, overrides: list[str]) ->
     dims = validate(cfg, world_size)
     trainer = build_trainer(cfg, dims, torch.device("cpu"))
     losses = trainer.fit()
-    params = {canonical_name(n): p for n, p in trainer.model.named_parameters()}
+    params = {canonical_name(n): p for n, p in trainer.model_parts[0].named_parameters()}
     weight = params["layers.0.mlp.up_proj.weight"]
     # The DTensor's own local tensor: `to_local()` returns a view, which torchao re-wraps without the scale.
     local = weight._local_tensor

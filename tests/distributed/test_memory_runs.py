@@ -4,7 +4,7 @@
   on a CPU the "offload" moves nothing, so the parity is as strict as test_parity.py's (1e-4 relative);
   what is testable is that FSDP2 accepts the policy, parameters and gradients are host-resident sharded
   DTensors, the optimizer (torch's fused CPU AdamW) steps them, and the 2 accumulated micro-batches per
-  step (the first kept unsharded, only the last reduced: NativeEngine.backward) give the same gradients.
+  step (the first kept unsharded, only the last reduced: NativeEngine.forward_backward) give the same gradients.
 - FP8 linears (emulated on CPU), FP8 activation compression and FP8 optimizer states together train
   the tiny model: finite losses that fall, within 5% of the fp32 run at every step.
 """
@@ -35,7 +35,7 @@ def _offload_layout(rank: int, world_size: int, overrides: list[str]) -> dict:
     dims = validate(cfg, world_size)
     trainer = build_trainer(cfg, dims, torch.device("cpu"))
     losses = [trainer.train_step().loss for _ in range(3)]
-    model = trainer.model
+    (model,) = trainer.model_parts
     weight = model.layers["0"].mlp.up_proj.weight
     return {
         "losses": losses,

@@ -95,6 +95,14 @@ class Toy(nn.Module):
         return self.final(h)
 
 
+UPDATES: list[int] = []  # one entry per optimizer update, appended by the spec's post-step hook
+
+
+def _count_update(model_parts: list[nn.Module]) -> None:
+    assert len(model_parts) == 1
+    UPDATES.append(1)
+
+
 def _validate(cfg: ToyConfig, dims, *, seq_len: int, cp_variant: str) -> None:
     if cfg.hidden % dims.tp or cfg.vocab_size % dims.tp:
         raise ValueError(f"parallel.tp={dims.tp} must divide model.hidden and model.vocab_size")
@@ -116,6 +124,7 @@ register_model(
             "layers.*.mixer.up": "colwise",
             "layers.*.mixer.down": "rowwise",
         },
+        post_step=(_count_update,),
     )
 )
 
@@ -139,7 +148,9 @@ def _train(rank: int, world_size: int, overrides: list[str]) -> list[float]:
     cfg.model = ToyConfig()
     dims = validate(cfg, world_size)
     trainer = build_trainer(cfg, dims, torch.device("cpu"))
-    return trainer.fit()
+    losses = trainer.fit()
+    assert len(UPDATES) == STEPS, f"the post-step hook ran {len(UPDATES)} times in {STEPS} steps"
+    return losses
 
 
 def _run(world_size: int, tmp: Path, cache: Path, *overrides: str) -> list[float]:

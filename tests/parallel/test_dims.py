@@ -25,3 +25,21 @@ def test_non_positive_degrees_are_refused(axis):
     kwargs = dict(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=2) | {axis: 0}
     with pytest.raises(ValueError, match=f"parallel.{axis}=0"):
         ParallelDims(**kwargs)
+
+
+def test_expert_degree_must_divide_the_non_expert_ranks():
+    with pytest.raises(
+        ValueError, match=r"parallel.ep=3 must divide parallel.dp_shard × cp × tp = 4×1×1 = 4"
+    ):
+        ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, ep=3, world_size=4)
+
+
+@pytest.mark.parametrize(("axis", "what"), [("pp", "pipeline"), ("ep", "expert")])
+def test_pipeline_and_expert_degrees_are_not_built_yet(axis, what):
+    with pytest.raises(ValueError, match=f"parallel.{axis}=2: {what} parallelism is not implemented yet"):
+        ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=4, **{axis: 2})
+
+
+def test_pipeline_degree_counts_in_the_world():
+    with pytest.raises(ValueError, match=r"parallel.pp × dp_replicate × cp × tp = 3×1×1×1 = 3"):
+        ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=3, world_size=4)
