@@ -65,7 +65,9 @@ class HFAdapter(Protocol):
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # the value of `model.name` that selects this family
-    config_cls: type  # the dataclass `model=` selects (registered in the ConfigStore as model/<name>_schema)
+    # The dataclass `model=` selects (registered in the ConfigStore as model/<name>_schema). Generic code reads
+    # its `name`, `vocab_size` and `pretrained` (a Hugging Face directory, or None) fields.
+    config_cls: type
     build: Callable[[Any, KernelsConfig], nn.Module]  # (model config, kernels) -> module; call under meta
     flops_per_token: Callable[[Any, int], float]  # (model config, seq_len) -> training FLOPs per token
     # (model config, dims, seq_len=, cp_variant=) -> None; raises ValueError naming the key and the fix

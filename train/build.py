@@ -174,11 +174,12 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
     source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
+    pipeline = f"pp {dims.pp} × " if dims.pp > 1 else ""
     trainer.metric_logger.message(
         f"model {cfg.model.name}{source}: {num_params / 1e6:.2f}M parameters{trainable}, "
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "
-        f"world {dims.world_size} = dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} "
-        f"× tp {dims.tp}{f' × pp {dims.pp}' if dims.pp > 1 else ''}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
+        f"world {dims.world_size} = {pipeline}dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × "
+        f"cp {dims.cp} × tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
         + (f"; resumed from {resume_from} at step {trainer.step}" if resume_from else "")
     )
     return trainer

@@ -103,7 +103,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
 
     With `model.pretrained` set, the model's shape fields are replaced by the directory's config.json first.
     """
-    if getattr(cfg.model, "pretrained", None) is not None:
+    if cfg.model.pretrained is not None:
         cfg.model = model_config_from_hf(cfg.model)
     spec = get_model_spec(cfg.model.name)
     _check(
