@@ -13,6 +13,7 @@ complete and concurrent builders (several ranks, several nodes on a shared file 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -200,6 +201,33 @@ def read_token_meta(
         tokenizer=meta.get("tokenizer"),
         source=meta.get("source"),
     )
+
+
+_MAX_ID_CHUNK = 1 << 26  # tokens per read of the max-id scan (128 MiB of uint16)
+
+
+def max_token_id(path: str | Path, meta: TokenFileMeta, cache_dir: str | Path) -> int:
+    """The largest token id in the file (-1 if empty), scanned once and kept in `cache_dir/token_max/`
+    under the file's path, size and modification time, so a changed file is scanned again."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    cache = (
+        Path(cache_dir).expanduser()
+        / "token_max"
+        / f"{_key(path, stat.st_size, stat.st_mtime_ns, meta.dtype)}.json"
+    )
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads(cache.read_text(encoding="utf-8"))["max_id"])
+    tokens = np.memmap(path, dtype=np.dtype(meta.dtype).newbyteorder("<"), mode="r", shape=(meta.num_tokens,))
+    max_id = -1
+    for start in range(0, meta.num_tokens, _MAX_ID_CHUNK):
+        max_id = max(max_id, int(tokens[start : start + _MAX_ID_CHUNK].max()))
+    # A read-only cache directory only costs a rescan next time.
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"path": str(path), "max_id": max_id}).encode()
+        _atomic_write(cache, lambda f: f.write(record))
+    return max_id
 
 
 # ---- documents ----

@@ -29,6 +29,7 @@ from treadle.train.corpus import (
     TokenFileMeta,
     ensure_hf_tokens,
     ensure_stdlib_tokens,
+    max_token_id,
     read_token_meta,
 )
 from treadle.train.tokenizer import BYTE_TOKENIZER, HFTokenizer, load_tokenizer
@@ -315,7 +316,8 @@ def prepare_data(cfg: DataConfig) -> None:
     if cfg.source == "chat":
         _sft_cache(cfg)
     else:
-        _token_file(cfg)
+        # The max-id scan of `build_datasets`' vocabulary check, done here once for every rank.
+        max_token_id(*_token_file(cfg), cfg.cache_dir)
 
 
 def _num_val(num: int, val_fraction: float) -> int:
@@ -357,6 +359,17 @@ def _check_vocab(cfg: DataConfig, meta: TokenFileMeta, path: Path, vocab_size: i
         )
     if meta.eos_id is not None and not 0 <= meta.eos_id < vocab_size:
         raise ValueError(f"data.eos_id={meta.eos_id} is outside model.vocab_size={vocab_size}")
+    max_id = max_token_id(path, meta, cfg.cache_dir)
+    if max_id >= vocab_size:
+        fix = (
+            "re-tokenize it with the model's tokenizer (launch/prepare_data.py --tokenizer)"
+            if cfg.source == "tokens"
+            else "choose a data.tokenizer that fits the model"
+        )
+        raise ValueError(
+            f"token file {path} holds token id {max_id}, past model.vocab_size={vocab_size} (ids must be < "
+            f"model.vocab_size); fix: set model.vocab_size to at least {max_id + 1}, or {fix}"
+        )
 
 
 def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Dataset]:
@@ -364,7 +377,7 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     and data.tokenizer).
 
     Builds the cache itself if `prepare_data` has not (atomically, so concurrent ranks are safe, only slower).
-    A token file without a sidecar has no recorded vocabulary; its ids are trusted to fit model.vocab_size.
+    Every token file's largest id is checked against model.vocab_size (scanned once, cached in data.cache_dir).
     """
     validate_data_config(cfg)
     if cfg.source == "chat":

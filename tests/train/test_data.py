@@ -218,6 +218,31 @@ def test_token_file_without_sidecar(tmp_path: Path) -> None:
     assert train.get_batch([1]).positions.tolist() == [[0, 1, 2, 3]]
 
 
+def test_token_ids_past_the_vocabulary_are_refused_at_load(tmp_path: Path, monkeypatch) -> None:
+    """A file whose ids reach model.vocab_size fails at load naming the file, the id and the key (not with an
+    IndexError in the embedding at step 1); the max id is scanned once and cached in data.cache_dir."""
+    path = tmp_path / "raw.bin"
+    np.array([5, 6, 300, 99, 8, 9, 10, 99, 11], dtype="<u2").tofile(path)
+    cfg = DataConfig(
+        source="tokens",
+        path=str(path),
+        token_dtype="uint16",
+        eos_id=99,
+        seq_len=4,
+        val_fraction=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(
+        ValueError, match=r"raw\.bin holds token id 300, past model\.vocab_size=256.*at least 301"
+    ):
+        build_datasets(cfg, vocab_size=256)
+    monkeypatch.setattr(np, "memmap", None)  # a second scan would fail with a TypeError
+    with pytest.raises(ValueError, match="token id 300"):
+        build_datasets(cfg, vocab_size=256)
+    monkeypatch.undo()
+    build_datasets(cfg, vocab_size=301)
+
+
 # ---- bad input ----
 
 
