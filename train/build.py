@@ -164,6 +164,6 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} "
         f"× tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
-        + (f"; resumed from {resume_from} at step {trainer.step}" if resume_from else "")
+        + (f"; resumed from {checkpointer.loaded_from} at step {trainer.step}" if resume_from else "")
     )
     return trainer
