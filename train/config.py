@@ -4,6 +4,8 @@ key; `validate` then checks the rules that span components, before any process g
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     _validate_parallel(cfg, dims)
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
+    _validate_run_dirs(cfg)
     return dims
 
 
@@ -259,6 +262,10 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"fix: lower data.seq_len or raise model.max_seq_len",
     )
     _check(trainer.max_steps >= 1, f"trainer.max_steps={trainer.max_steps} must be >= 1")
+    _check(
+        math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0,
+        f"optim.lr={cfg.optim.lr} must be a positive number; fix: set optim.lr, e.g. optim.lr=3e-4",
+    )
     _check(trainer.micro_batch_size >= 1, f"trainer.micro_batch_size={trainer.micro_batch_size} must be >= 1")
     per_step = trainer.micro_batch_size * dims.dp_size
     _check(
@@ -299,6 +306,24 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
             f"optim.schedule.warmup_steps={cfg.optim.schedule.warmup_steps} >= trainer.max_steps="
             f"{trainer.max_steps}: the run never leaves warmup",
             stacklevel=3,
+        )
+
+
+def _validate_run_dirs(cfg: TrainConfig) -> None:
+    """run.dir and checkpoint.dir are directories this process can create or write: checked before any work,
+    not at the first save."""
+    for key, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        path = Path(value).expanduser()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        _check(
+            existing.is_dir(),
+            f"{key}={value}: {existing} is a file, not a directory; fix: point {key} at a directory (or remove "
+            f"the file)",
+        )
+        _check(
+            os.access(existing, os.W_OK | os.X_OK),
+            f"{key}={value}: {existing} is not writable by this user; fix: point {key} (or run.name) at a "
+            f"writable place, or change the directory's permissions",
         )
 
 

@@ -1,5 +1,6 @@
 """Every recipe composes and builds on the meta device; bad input fails at start with the key and the fix."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,33 @@ def test_unknown_kernel_is_refused():
     cfg = load_config(["kernels.attention=flash9"])
     with pytest.raises(ValueError, match="kernels.attention='flash9'"):
         validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("lr", ["0.0", "-0.001", "nan"])
+def test_non_positive_learning_rate_is_refused(lr):
+    cfg = load_config([f"optim.lr={lr}"])
+    with pytest.raises(ValueError, match=f"optim.lr={lr}.* must be a positive number"):
+        validate(cfg, world_size=1)
+
+
+def test_run_and_checkpoint_dirs_are_checked_before_any_work(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cfg = load_config([f"run.dir={tmp_path}/run", f"checkpoint.dir={a_file}"])
+    with pytest.raises(ValueError, match=r"checkpoint.dir=.*file is a file, not a directory"):
+        validate(cfg, world_size=1)
+    cfg = load_config([f"run.dir={a_file}/run"])
+    with pytest.raises(ValueError, match=r"run.dir=.*file is a file, not a directory"):
+        validate(cfg, world_size=1)
+    # A read-only directory: simulated, since this test may run as root (who may write anywhere).
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    cfg = load_config([f"run.dir={read_only}/run"])
+    with pytest.raises(ValueError, match=r"run.dir=.*read_only is not writable by this user; fix:"):
+        validate(cfg, world_size=1)
+    validate(load_config([f"run.dir={tmp_path}/run"]), world_size=1)
 
 
 def _launch(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
