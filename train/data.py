@@ -72,6 +72,12 @@ def validate_data_config(cfg: DataConfig) -> None:
             "the .bin token file" if cfg.source == "tokens" else "a .jsonl/.json/.parquet file or a directory"
         )
         raise ValueError(f"data.path is required for data.source={cfg.source}; set it to {what}")
+    if cfg.source == "stdlib" and cfg.path:
+        raise ValueError(
+            f"data.path={cfg.path} is set, but data.source=stdlib trains on the embedded corpus and would ignore "
+            "it; fix: add data=tokens (a .bin token file from launch/prepare_data.py) or data=hf (documents, "
+            "with data.tokenizer), or drop data.path"
+        )
     if cfg.seq_len < 1:
         raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 1")
     if not 0.0 <= cfg.val_fraction < 1.0:

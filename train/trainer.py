@@ -162,6 +162,14 @@ class Trainer:
 
     def fit(self) -> list[float]:
         """Train from `self.step` to `cfg.max_steps`; returns this call's per-step losses."""
+        if self.step >= self.cfg.max_steps:
+            self.metric_logger.message(
+                f"already complete at step {self.step}; nothing to train — raise trainer.max_steps or use a "
+                "new run.name"
+            )
+            self.checkpointer.close()
+            self.metric_logger.close()
+            return []
         losses = []
         # Tokens are counted globally per step, so the rate needs no further scaling (world_tokens_factor=1).
         throughput = Throughput(

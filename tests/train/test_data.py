@@ -261,6 +261,12 @@ def test_bad_config_errors(tmp_path: Path) -> None:
         build_datasets(DataConfig(val_fraction=1.0), vocab_size=258)
 
 
+def test_data_path_without_a_source_that_reads_it_is_refused(tmp_path: Path) -> None:
+    """`data.path=...` alone would silently train on the embedded corpus (data.source defaults to stdlib)."""
+    with pytest.raises(ValueError, match=r"data\.path=.*data\.source=stdlib .* fix: add data=tokens"):
+        prepare_data(DataConfig(path=str(tmp_path / "corpus.bin")))
+
+
 def test_bad_token_file_errors(tmp_path: Path) -> None:
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x01\x00\x02")
