@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from treadle.train import preemption
 from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
 from treadle.train.config import CONFIG_DIR, TrainConfig, register_configs, validate
+from treadle.train.config_keys import check_known_keys, check_overrides
 
 register_configs()
 
@@ -19,6 +20,7 @@ register_configs()
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")
 def main(raw: DictConfig) -> None:
     try:
+        check_known_keys(raw)
         cfg: TrainConfig = OmegaConf.to_object(raw)
         dims = validate(cfg, world_size_from_env())
     except (ValueError, OmegaConfBaseException) as err:
@@ -36,6 +38,10 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:], CONFIG_DIR)  # before Hydra, whose own message suggests `+key`
+    except ValueError as err:
+        sys.exit(f"config error: {err}")
     main()
     # The run is finished: checkpoints are on disk, loggers closed, the process group destroyed. Interpreter
     # teardown can still abort (std::terminate on a gloo thread that is destroyed while joinable; seen

@@ -332,7 +332,11 @@ def load_config(overrides: list[str] | None = None) -> TrainConfig:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from treadle.train.config_keys import check_known_keys, check_overrides
+
     register_configs()
+    check_overrides(list(overrides or []), CONFIG_DIR)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         raw = compose(config_name="train", overrides=list(overrides or []))
+    check_known_keys(raw)
     return OmegaConf.to_object(raw)

@@ -104,10 +104,21 @@ def test_command_line_overrides_win_over_the_recipe():
     assert cfg.model.dim == 128
 
 
-def test_unknown_key_names_the_key():
-    with pytest.raises(ConfigCompositionException) as err:
-        load_config(["trainer.max_stepz=3"])
-    assert "max_stepz" in str(err.value.__cause__ or err.value)
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_unknown_key_names_the_nearest_keys(prefix):
+    """However it is spelled, a typo fails and names the nearest keys (Hydra alone accepts `+key` and suggests
+    `+` for `key`)."""
+    with pytest.raises(
+        ValueError, match=r"trainer\.max_stepz .*is not a config key; did you mean trainer\.max_steps\?"
+    ):
+        load_config([f"{prefix}trainer.max_stepz=3"])
+    with pytest.raises(ValueError, match=r"did you mean model\.dim\?"):
+        load_config([f"{prefix}modle.dim=3"])
+
+
+def test_known_keys_and_open_dicts_pass_the_key_check():
+    cfg = load_config(["+config=debug/tiny", "model=tiny", "+parallel.deepspeed.overrides.foo=1"])
+    assert cfg.parallel.deepspeed.overrides == {"foo": 1}
 
 
 def test_wrong_type_names_the_key():
@@ -197,8 +208,12 @@ def test_launcher_reports_config_errors_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "config error: trainer.global_batch_size=12" in result.stderr
     assert "Traceback" not in result.stderr
-    result = _launch("trainer.max_stepz=3", tmp_path=tmp_path)
-    assert result.returncode != 0 and "max_stepz" in result.stderr and "Traceback" not in result.stderr
+    result = _launch("+trainer.max_stepz=3", tmp_path=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        "config error: trainer.max_stepz" in result.stderr
+        and "did you mean trainer.max_steps?" in result.stderr
+    )
 
 
 def test_launcher_reports_a_missing_data_path(tmp_path):
