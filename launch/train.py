@@ -13,6 +13,7 @@ from treadle.train import preemption
 from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
 from treadle.train.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from treadle.train.config_keys import check_known_keys, check_overrides
+from treadle.train.run_dir import separate_multirun_job
 
 register_configs()
 
@@ -21,6 +22,7 @@ register_configs()
 def main(raw: DictConfig) -> None:
     try:
         check_known_keys(raw)
+        separate_multirun_job(raw)
         cfg: TrainConfig = OmegaConf.to_object(raw)
         dims = validate(cfg, world_size_from_env())
     except (ValueError, OmegaConfBaseException) as err:

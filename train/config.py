@@ -27,6 +27,7 @@ from treadle.parallel.fsdp import dtype_name, resolve_dtype
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
 from treadle.train.loggers import LoggingConfig
+from treadle.train.run_dir import check_resume_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAN_POLICIES = ("skip", "abort")
@@ -99,6 +100,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
     _validate_run_dirs(cfg)
+    check_resume_config(cfg)
     return dims
 
 

@@ -22,8 +22,9 @@ FAST = [
 def launch(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     """`python launch/train.py` with FAST, then `overrides`; stdout and stderr together in `.stdout`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m) go before the overrides
     return subprocess.run(
-        [sys.executable, TRAIN, *FAST, *overrides],
+        [sys.executable, TRAIN, *flags, *FAST, *(o for o in overrides if o not in flags)],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -41,3 +42,39 @@ def test_rerunning_a_finished_run_says_it_is_complete(tmp_path: Path) -> None:
     assert "already complete at step 2; nothing to train — raise trainer.max_steps or use a new run.name" in (
         again.stdout
     )
+
+
+def test_each_job_of_a_sweep_gets_its_own_run_dir(tmp_path: Path) -> None:
+    """`-m ... optim.lr=a,b`: the second job used to resume the first job's checkpoint in the shared run.dir."""
+    sweep = launch(tmp_path, "-m", f"run.dir={tmp_path / 'sweep'}", "optim.lr=1e-3,3e-4")
+    assert sweep.returncode == 0, sweep.stdout[-3000:]
+    assert "resumed from" not in sweep.stdout
+    for job, lr in (("0", 1e-3), ("1", 3e-4)):
+        job_dir = tmp_path / "sweep" / "multirun" / job
+        assert (job_dir / "checkpoints" / "step_00000002").is_dir()
+        assert f"lr: {lr}" in (job_dir / "config.yaml").read_text()
+
+
+def test_resuming_under_another_config_is_refused(tmp_path: Path) -> None:
+    """resume=auto compares with the run dir's config.yaml: keys that may change (the length, logging,
+    checkpoint cadence) pass, any other changed key is named."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from treadle.train.config import load_config, validate
+
+    run = [f"run.dir={tmp_path / 'run'}", "+config=debug/tiny"]
+    first = load_config(run)
+    validate(first, world_size=1)
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "treadle.json").write_text('{"step": 2, "world_size": 1}')
+    (step / ".metadata").touch()
+    OmegaConf.save(OmegaConf.structured(first), tmp_path / "run" / "config.yaml")
+
+    validate(load_config([*run, "trainer.max_steps=900", "logging.every=1", "checkpoint.every=7"]), 1)
+    validate(load_config([*run, "optim.lr=1e-3", "checkpoint.resume=none"]), 1)
+    with pytest.raises(
+        ValueError, match=r"differs in optim\.lr: 0\.003 -> 0\.001, trainer\.seed: 0 -> 5\).*run\.name"
+    ):
+        validate(load_config([*run, "optim.lr=1e-3", "trainer.seed=5", "trainer.max_steps=900"]), 1)
