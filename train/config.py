@@ -26,7 +26,7 @@ from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
-from treadle.train.loggers import LoggingConfig
+from treadle.train.loggers import LoggingConfig, check_logging_config
 from treadle.train.run_dir import check_resume_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -299,6 +299,7 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of {WANDB_MODES}",
     )
     _check(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")
+    check_logging_config(cfg.logging)  # e.g. logging.tensorboard=true without tensorboard, before any work
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0 = off)")
     _check(
         cfg.run.device in ("auto", "cpu", "cuda"), f"run.device={cfg.run.device!r} is not auto, cpu or cuda"
