@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from treadle.models.export_files import save_safetensors, special_token_ids, write_generation_config
 from treadle.models.init import canonical_name
 from treadle.models.llama import ModelConfig, RopeScalingConfig
 from treadle.models.lora import LoRALinear, merged_weight
@@ -341,10 +342,8 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         name = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+        save_safetensors(self.pending, self.tmp / name)
         self.written.append(name)
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.pending, self.pending_bytes = {}, 0
@@ -369,6 +368,7 @@ class ShardWriter:
             for name in TOKENIZER_FILES:
                 if (Path(source_dir).expanduser() / name).is_file():
                     shutil.copy2(Path(source_dir).expanduser() / name, self.tmp / name)
+        write_generation_config(self.tmp, special_token_ids(source_dir))
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp, self.out_dir)
@@ -397,7 +397,8 @@ def write_hf(
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
     for name, tensor in tensors:
         writer.add(hf_name(name), tensor.to(dtype))
-    return writer.finish(hf_config_from_model(cfg, architecture_of(cfg), dtype), cfg.pretrained)
+    config = {**hf_config_from_model(cfg, architecture_of(cfg), dtype), **special_token_ids(cfg.pretrained)}
+    return writer.finish(config, cfg.pretrained)
 
 
 def export_hf(

@@ -242,8 +242,8 @@ def export_peft(
     Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
     """
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
+    from treadle.models.export_files import absolute_base, save_safetensors
     from treadle.models.hf import hf_name
 
     state = adapter_state(model)
@@ -253,9 +253,9 @@ def export_peft(
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     tensors = {f"base_model.model.{hf_name(name)}": t.contiguous() for name, t in state.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp / "adapter_model.safetensors")
     (tmp / "adapter_config.json").write_text(
-        json.dumps(peft_adapter_config(cfg, base_model), indent=2) + "\n"
+        json.dumps(peft_adapter_config(cfg, absolute_base(base_model)), indent=2) + "\n"
     )
     if out_dir.exists():
         shutil.rmtree(out_dir)
