@@ -49,7 +49,9 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
     eval_every: int = 0  # 0 = evaluate only at the end
-    eval_batches: int = 8  # micro-batches of the held-out split per evaluation (per data-parallel rank)
+    # held-out sequences per evaluation, in micro-batches: eval_batches × micro_batch_size in all, the same on
+    # every layout (dealt out over the data-parallel ranks)
+    eval_batches: int = 8
     nan_policy: str = "skip"  # skip: drop the update of a step whose gradients are not finite; abort: stop
     max_consecutive_skips: int = 5  # abort after this many skipped steps in a row
 

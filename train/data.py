@@ -255,21 +255,25 @@ class StepLoader:
 def eval_batches(
     dataset: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, num_batches: int | None = None
 ) -> Iterator[Batch]:
-    """The validation split in order, from its start every call: rank r's batch b is rows
+    """The held-out samples [0, num_batches × micro_batch_size) of the validation split (the whole split
+    with `num_batches=None`), the same samples whatever the data-parallel size, so the held-out loss does not
+    depend on the number of processes. They are dealt out in micro-batches: rank r's batch b holds samples
     [(b * dp_size + r) * micro_batch_size, +micro_batch_size).
 
-    Every rank yields the same number of batches, as the eval loop's collectives need. `num_batches=None` takes the
-    full global batches that fit (at least one); indices wrap around the split, so a split smaller than what is
-    asked for repeats samples rather than giving ranks unequal work.
+    Every rank yields the same number of batches, as the eval loop's collectives need: rows past the last
+    sample are filled with repeats whose labels are all IGNORE_INDEX, so they count no tokens. Sample indices
+    wrap around a split smaller than what is asked for (those repeats do count, on every layout alike).
     """
     num_samples = len(dataset)
     if num_samples == 0:
         return
-    if num_batches is None:
-        num_batches = max(1, num_samples // (micro_batch_size * dp_size))
-    for b in range(num_batches):
+    total = num_samples if num_batches is None else num_batches * micro_batch_size
+    for b in range(math.ceil(total / (micro_batch_size * dp_size))):
         first = (b * dp_size + dp_rank) * micro_batch_size
-        yield dataset.get_batch(np.arange(first, first + micro_batch_size) % num_samples)
+        indices = np.arange(first, first + micro_batch_size)
+        batch = dataset.get_batch(indices % num_samples)
+        batch.labels[torch.from_numpy(indices >= total)] = IGNORE_INDEX
+        yield batch
 
 
 def _token_file(cfg: DataConfig) -> tuple[Path, TokenFileMeta]:

@@ -136,8 +136,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first `eval_batches` micro-batches per rank of the held-out split; empty
-        when there is no held-out split (`data.val_fraction=0`)."""
+        """Mean loss over the first `eval_batches` × micro-batch held-out samples, the same on every layout
+        (`train.data.eval_batches`); empty when there is no held-out split (`data.val_fraction=0`)."""
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -197,12 +197,37 @@ def test_token_file_splits_are_disjoint(tmp_path: Path) -> None:
     assert len(no_val) == 0 and list(eval_batches(no_val, 2, 0, 1)) == []
 
 
+def _counted_rows(batches: list[Batch]) -> list[int]:
+    return [
+        int(b.tokens[i, 0]) // 4 for b in batches for i in range(len(b.tokens)) if (b.labels[i] != -100).any()
+    ]
+
+
 def test_eval_batches_start_from_the_beginning_and_shard_by_rank() -> None:
     ds = arange_dataset(10)
-    per_rank = [rows(list(eval_batches(ds, 2, r, 2, num_batches=3))) for r in range(2)]
-    assert per_rank == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 0, 1]]
-    assert rows(list(eval_batches(ds, 2, 0, 2, num_batches=3))) == per_rank[0]
-    assert len(list(eval_batches(ds, 2, 1, 2))) == 2
+    per_rank = [list(eval_batches(ds, 2, r, 2, num_batches=3)) for r in range(2)]
+    assert [rows(b) for b in per_rank] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [_counted_rows(b) for b in per_rank] == [[0, 1, 4, 5], [2, 3]]  # 6 samples; 6, 7 are padding
+    assert rows(list(eval_batches(ds, 2, 0, 2, num_batches=3))) == rows(per_rank[0])
+    assert len(list(eval_batches(ds, 2, 1, 2))) == 3  # the whole split: 10 samples over 2 ranks × 2 rows
+
+
+def test_eval_batches_evaluate_the_same_samples_on_every_layout() -> None:
+    """The held-out loss must not depend on the number of processes: the counted samples are the first
+    num_batches × micro_batch_size of the split whatever dp_size, each once; every rank yields as many batches."""
+    ds = arange_dataset(10)
+    for num_batches, expected in (
+        (3, list(range(6))),
+        (None, list(range(10))),
+        (7, [*range(10), 0, 1, 2, 3]),
+    ):
+        for dp_size in (1, 2, 3, 4):
+            per_rank = [list(eval_batches(ds, 2, r, dp_size, num_batches)) for r in range(dp_size)]
+            assert len({len(b) for b in per_rank}) == 1
+            assert sorted(r for b in per_rank for r in _counted_rows(b)) == sorted(expected), (
+                num_batches,
+                dp_size,
+            )
 
 
 def test_token_file_without_sidecar(tmp_path: Path) -> None:
