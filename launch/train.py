@@ -13,6 +13,7 @@ from treadle.train import preemption
 from treadle.train.build import build_trainer, process_group, select_device, world_size_from_env
 from treadle.train.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from treadle.train.config_keys import check_known_keys, check_overrides
+from treadle.train.errors import USER_ERROR_EXIT_CODE, UserError
 from treadle.train.run_dir import separate_multirun_job
 
 register_configs()
@@ -27,8 +28,8 @@ def main(raw: DictConfig) -> None:
         dims = validate(cfg, world_size_from_env())
     except (ValueError, OmegaConfBaseException) as err:
         sys.exit(f"config error: {err}")
-    device = select_device(cfg.run.device)
     try:
+        device = select_device(cfg.run.device)
         with preemption.stop_on_signals(), process_group(device, cfg.parallel.backend):
             trainer = build_trainer(cfg, dims, device)
             if trainer.dims.mesh.get_rank() == 0:
@@ -37,6 +38,10 @@ def main(raw: DictConfig) -> None:
     except preemption.Preempted as stopped:
         print(stopped, file=sys.stderr, flush=True)
         sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    except UserError as err:  # a bad file, checkpoint or loss, named in the message (train/errors.py)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
 
 
 if __name__ == "__main__":

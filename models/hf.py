@@ -190,6 +190,20 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
+def _safe_open(file: Path) -> Any:
+    """`safe_open`, with a truncated or corrupt file (safetensors checks the header against the file size)
+    named in the error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"model.pretrained: {file} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+            "re-download or re-export it"
+        ) from e
+
+
 class SafetensorsCheckpoint:
     """The tensors of a model directory: one `model.safetensors` or shards listed by an index."""
 
@@ -207,9 +221,7 @@ class SafetensorsCheckpoint:
                             "download the missing shards")  # fmt: skip
             self.files = {key: self.dir / f for key, f in weight_map.items()}
         elif (self.dir / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / SINGLE_FILE, framework="pt") as f:
+            with _safe_open(self.dir / SINGLE_FILE) as f:
                 self.files = {key: self.dir / SINGLE_FILE for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         else:
             raise ValueError(
@@ -220,8 +232,6 @@ class SafetensorsCheckpoint:
 
     def slice(self, key: str, shape: torch.Size, index: tuple[slice, ...]) -> torch.Tensor:
         """`key[index]`, after checking that the stored tensor has `shape`."""
-        from safetensors import safe_open
-
         if key not in self.files:
             raise ValueError(
                 f"model.pretrained={self.dir}: tensor {key!r} is missing from the checkpoint; the config.json does "
@@ -229,7 +239,7 @@ class SafetensorsCheckpoint:
             )
         file = self.files[key]
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt", device="cpu")
+            self._open[file] = _safe_open(file)
         view = self._open[file].get_slice(key)
         stored = tuple(view.get_shape())
         if stored != tuple(shape):

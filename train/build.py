@@ -24,6 +24,7 @@ from treadle.parallel.engine import WeightLoader, build_engine
 from treadle.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from treadle.train.config import TrainConfig
 from treadle.train.data import StepLoader, build_datasets, prepare_data
+from treadle.train.errors import UserError
 from treadle.train.loggers import MetricLogger
 from treadle.train.trainer import Trainer
 
@@ -40,7 +41,7 @@ def select_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is visible; fix: run.device=auto or cpu")
+        raise UserError("run.device=cuda but no CUDA device is visible; fix: run.device=auto or cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -73,7 +74,10 @@ def weight_loader(cfg: TrainConfig) -> WeightLoader | None:
 
     def load(model: torch.nn.Module) -> None:
         if cfg.model.pretrained is not None:
-            load_hf_weights(model, cfg.model.pretrained)
+            try:
+                load_hf_weights(model, cfg.model.pretrained)
+            except ValueError as e:  # the directory's files, named in the message (models/hf.py)
+                raise UserError(str(e)) from e
         else:
             init_quantized_bases(model, cfg.model, cfg.trainer.seed)
         finish_adapters(model)

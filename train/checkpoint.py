@@ -47,6 +47,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from treadle.train.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "treadle.json"
@@ -128,11 +130,11 @@ class CheckpointManager:
         self, cfg: CheckpointConfig, *, rank: int, world_size: int, metadata: dict[str, Any] | None = None
     ):
         if cfg.every < 0:
-            raise ValueError(f"checkpoint.every={cfg.every} must be >= 0; fix: 0 turns periodic saves off")
+            raise UserError(f"checkpoint.every={cfg.every} must be >= 0; fix: 0 turns periodic saves off")
         if cfg.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last={cfg.keep_last} must be >= 0; fix: 0 keeps all")
+            raise UserError(f"checkpoint.keep_last={cfg.keep_last} must be >= 0; fix: 0 keeps all")
         if not cfg.resume:
-            raise ValueError("checkpoint.resume is empty; fix: 'none', 'auto' or a path to a step directory")
+            raise UserError("checkpoint.resume is empty; fix: 'none', 'auto' or a path to a step directory")
         if dist.is_initialized():
             assert (rank, world_size) == (dist.get_rank(), dist.get_world_size()), (
                 f"rank/world_size {rank}/{world_size} differ from the process group's "
@@ -270,7 +272,7 @@ class CheckpointManager:
             if inside
             else "pass a complete step directory (one with treadle.json), 'auto' or 'none'"
         )
-        raise ValueError(
+        raise UserError(
             f"checkpoint.resume={resume!r}: {path} is not a usable checkpoint: {reason}; fix: {fix}"
         )
 
@@ -338,15 +340,15 @@ class CheckpointManager:
         )
         reason = incomplete_reason(path)
         if reason is not None:
-            raise ValueError(f"checkpoint {path} cannot be loaded: {reason}; {fix}")
+            raise UserError(f"checkpoint {path} cannot be loaded: {reason}; {fix}")
         try:
             with open(path / COMPLETE_MARKER) as f:
                 marker = json.load(f)
             step, saved_world_size = int(marker["step"]), int(marker["world_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} ({e}); {fix}") from e
+            raise UserError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} ({e}); {fix}") from e
         if "base_model" in self.metadata and marker.get("base_model") != self.metadata["base_model"]:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} holds adapters for base model {marker.get('base_model')!r}, but this run's "
                 f"model.pretrained is {self.metadata['base_model']!r}; fix: set model.pretrained to the base the "
                 f"adapters were trained on, or {fix.removeprefix('fix: ')}"
@@ -358,7 +360,7 @@ class CheckpointManager:
                     stateful.load_files(path)
         # CheckpointException (DCP's failure on any rank, raised on all of them) is a BaseException.
         except (Exception, CheckpointException) as e:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} is corrupt or does not match the model/optimizer/app state being "
                 f"resumed ({_describe(e)}); {fix}"
             ) from e
@@ -390,7 +392,7 @@ class CheckpointManager:
         try:
             _set_rng_state(torch.load(rng_file, weights_only=True))
         except Exception as e:
-            raise ValueError(f"checkpoint {path}: unreadable {rng_file.name} ({e}); {fix}") from e
+            raise UserError(f"checkpoint {path}: unreadable {rng_file.name} ({e}); {fix}") from e
 
     def close(self) -> None:
         """Finish any save in flight and release the async group."""

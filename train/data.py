@@ -32,6 +32,7 @@ from treadle.train.corpus import (
     max_token_id,
     read_token_meta,
 )
+from treadle.train.errors import UserError
 from treadle.train.tokenizer import BYTE_TOKENIZER, HFTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ class DataConfig:
 def validate_data_config(cfg: DataConfig) -> None:
     """Single-key checks; raises ValueError naming the key and the fix."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+        raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
     if cfg.source == "chat" and cfg.tokenizer == BYTE_TOKENIZER:
-        raise ValueError(
+        raise UserError(
             "data.source=chat needs the model's Hugging Face tokenizer and chat template; set data.tokenizer to the "
             "model directory (or its tokenizer.json)"
         )
@@ -71,21 +72,19 @@ def validate_data_config(cfg: DataConfig) -> None:
         what = (
             "the .bin token file" if cfg.source == "tokens" else "a .jsonl/.json/.parquet file or a directory"
         )
-        raise ValueError(f"data.path is required for data.source={cfg.source}; set it to {what}")
+        raise UserError(f"data.path is required for data.source={cfg.source}; set it to {what}")
     if cfg.source == "stdlib" and cfg.path:
-        raise ValueError(
+        raise UserError(
             f"data.path={cfg.path} is set, but data.source=stdlib trains on the embedded corpus and would ignore "
             "it; fix: add data=tokens (a .bin token file from launch/prepare_data.py) or data=hf (documents, "
             "with data.tokenizer), or drop data.path"
         )
     if cfg.seq_len < 1:
-        raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 1")
+        raise UserError(f"data.seq_len={cfg.seq_len} must be at least 1")
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+        raise UserError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.token_dtype not in ("auto", *TOKEN_DTYPES):
-        raise ValueError(
-            f"data.token_dtype={cfg.token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}"
-        )
+        raise UserError(f"data.token_dtype={cfg.token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
 
 
 @dataclass
@@ -341,7 +340,7 @@ def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
 
     cache, tokenizer = _sft_cache(cfg)
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"data.tokenizer={cfg.tokenizer!r} has a vocabulary of {tokenizer.vocab_size} tokens but "
             f"model.vocab_size={vocab_size}; use the model's own tokenizer"
         )
@@ -349,7 +348,7 @@ def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
     num_rows = len(rows)
     num_val = _num_val(num_rows, cfg.val_fraction)
     if num_rows - num_val < 1:
-        raise ValueError(
+        raise UserError(
             f"data.val_fraction={cfg.val_fraction} leaves no training rows: {cfg.path} packs into {num_rows} rows "
             f"of data.seq_len={cfg.seq_len}; lower data.val_fraction or use more conversations"
         )
@@ -363,12 +362,12 @@ def _check_vocab(cfg: DataConfig, meta: TokenFileMeta, path: Path, vocab_size: i
         f"data.tokenizer={cfg.tokenizer!r}" if cfg.source != "tokens" else f"data.path={str(path)!r}"
     )
     if meta.vocab_size is not None and meta.vocab_size > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{tokenized_with} has a vocabulary of {meta.vocab_size} tokens but model.vocab_size={vocab_size}; "
             f"set model.vocab_size to at least {meta.vocab_size} or choose a data.tokenizer that fits the model"
         )
     if meta.eos_id is not None and not 0 <= meta.eos_id < vocab_size:
-        raise ValueError(f"data.eos_id={meta.eos_id} is outside model.vocab_size={vocab_size}")
+        raise UserError(f"data.eos_id={meta.eos_id} is outside model.vocab_size={vocab_size}")
     max_id = max_token_id(path, meta, cfg.cache_dir)
     if max_id >= vocab_size:
         fix = (
@@ -376,7 +375,7 @@ def _check_vocab(cfg: DataConfig, meta: TokenFileMeta, path: Path, vocab_size: i
             if cfg.source == "tokens"
             else "choose a data.tokenizer that fits the model"
         )
-        raise ValueError(
+        raise UserError(
             f"token file {path} holds token id {max_id}, past model.vocab_size={vocab_size} (ids must be < "
             f"model.vocab_size); fix: set model.vocab_size to at least {max_id + 1}, or {fix}"
         )
@@ -395,12 +394,12 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     path, meta = _token_file(cfg)
     _check_vocab(cfg, meta, path, vocab_size)
     if cfg.document_mask and meta.eos_id is None:
-        raise ValueError(
+        raise UserError(
             f"data.eos_id: {path} has no sidecar naming its document separator; set data.eos_id, or set "
             "data.document_mask=false"
         )
     if meta.num_tokens < cfg.seq_len + 1:
-        raise ValueError(
+        raise UserError(
             f"data.seq_len: {path} has {meta.num_tokens} tokens, fewer than one sequence of data.seq_len + 1 = "
             f"{cfg.seq_len + 1}; lower data.seq_len or use more data"
         )
@@ -409,7 +408,7 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     num_val = _num_val(num_windows, cfg.val_fraction)
     num_train = num_windows - num_val
     if num_train < 1:
-        raise ValueError(
+        raise UserError(
             f"data.val_fraction={cfg.val_fraction} leaves no training sequences: {path} holds only {num_windows} "
             f"sequences of data.seq_len={cfg.seq_len}; lower data.val_fraction or data.seq_len, or use more data"
         )

@@ -23,6 +23,7 @@ from treadle.train import preemption
 from treadle.train.checkpoint import CheckpointManager
 from treadle.train.config import TrainerConfig
 from treadle.train.data import Batch, StepLoader, eval_batches
+from treadle.train.errors import UserError
 from treadle.train.loggers import MetricLogger
 from treadle.train.metrics import Throughput, memory_stats, peak_flops
 
@@ -127,7 +128,7 @@ class Trainer:
             f"skipped ({self.consecutive_skips} in a row)"
         )
         if self.cfg.nan_policy == "abort" or self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            raise RuntimeError(
+            raise UserError(
                 f"{detail}; stopping (trainer.nan_policy={self.cfg.nan_policy}, trainer.max_consecutive_skips="
                 f"{self.cfg.max_consecutive_skips}). Fix: lower optim.lr, raise optim.schedule.warmup_steps, "
                 f"check the data, or resume from an earlier checkpoint with checkpoint.resume=<step dir>"

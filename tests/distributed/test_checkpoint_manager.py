@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from treadle.train.checkpoint import CheckpointConfig, CheckpointManager
+from treadle.train.errors import UserError
 
 # ---- the pieces a trainer would pass as app state ----
 
@@ -283,6 +284,7 @@ def test_resolve_resume(tmp_path: Path) -> None:
         ) as error:
             resolve(str(path))
         assert "; fix: " in str(error.value)
+        assert isinstance(error.value, UserError)  # printed without a traceback by launch/train.py
 
 
 def test_maybe_save_schedule(tmp_path: Path) -> None:

@@ -78,3 +78,20 @@ def test_resuming_under_another_config_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"differs in optim\.lr: 0\.003 -> 0\.001, trainer\.seed: 0 -> 5\).*run\.name"
     ):
         validate(load_config([*run, "optim.lr=1e-3", "trainer.seed=5", "trainer.max_steps=900"]), 1)
+
+
+def test_user_errors_print_one_message_without_a_traceback(tmp_path: Path) -> None:
+    """Found while the run works (here: a resume dir without its marker, the abort on non-finite losses):
+    one `error:` line on rank 0 naming the cause and the fix, exit code 1, no traceback."""
+    not_a_checkpoint = tmp_path / "step_00000003"
+    not_a_checkpoint.mkdir()
+    result = launch(tmp_path, f"run.dir={tmp_path / 'a'}", f"checkpoint.resume={not_a_checkpoint}")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert f"error: checkpoint.resume='{not_a_checkpoint}'" in result.stdout and "fix:" in result.stdout
+    assert "Traceback" not in result.stdout
+
+    diverging = ["optim.lr=1e30", "optim.clip_grad_norm=0", "optim.schedule.warmup_steps=0"]
+    result = launch(tmp_path, f"run.dir={tmp_path / 'b'}", "trainer.nan_policy=abort", *diverging)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "error: step 2: loss=" in result.stdout and "trainer.nan_policy=abort" in result.stdout
+    assert "Traceback" not in result.stdout
