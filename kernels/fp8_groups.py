@@ -1,14 +1,10 @@
-"""Per-group FP8 (E4M3) quantisation along the last dim, in Triton: the storage format of FP8 activation
-compression (memory/compression.py, COAT §5).
+"""Per-group FP8 (E4M3) quantisation along the last dim, in Triton: the kernels of the storage format of FP8
+activation compression (memory/compression.py, COAT §5), whose plain-PyTorch reference and dispatch are
+`kernels/fp8_groups_reference.py` (re-exported here for the kernel tests).
 
 Shape legend: R rows (every leading dim flattened), C columns (the last dim), G groups per row, c elements
 per group (the effective group size), T a tile of consecutive (row, group) pairs, K the group padded to a
 power of two (the kernels' column tile).
-
-Each group of c consecutive elements of a row gets scale = 448 / max(max|group|, 1e-12), its elements are
-stored as round(clamp(x · scale, ±448)) in E4M3 (nearest even, saturated) and the group keeps 1 / scale in
-fp32. The last dim is padded with zeros to G · c (the payload is [R, G·c], inv_scale [R, G, 1]); a row
-narrower than a group is one group of C elements (c = min(group_size, C)), not padded.
 
 One program of the quantise kernel reads a [T, K] tile of x once (any input dtype, row and column strides
 as given), takes each group's amax in fp32 and writes the payload tile and T inverse scales: no fp32 copy of
@@ -37,11 +33,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from treadle.kernels.fp8_cast import AMAX_EPS, E4M3, _decode_e4m3, _encode_fp8, _soft_cast, _traced
+from treadle.kernels.fp8_cast import AMAX_EPS, _decode_e4m3, _encode_fp8, _soft_cast
+from treadle.kernels.fp8_groups_reference import (
+    E4M3,
+    FP8_MAX,
+    dequantize_groups,
+    dequantize_groups_reference,
+    quantize_groups,
+    quantize_groups_reference,
+)
 
 __all__ = [
     "E4M3",
@@ -55,7 +58,6 @@ __all__ = [
     "quantize_groups_triton",
 ]
 
-FP8_MAX = torch.finfo(E4M3).max
 # Elements of a group's power-of-two tile above which the Triton path hands over to the reference.
 MAX_GROUP_TILE = 16384
 # Elements per program: 4096 keeps a tile of fp32 values at 32 registers per thread with 4 warps (on an H100,
@@ -64,28 +66,6 @@ _TILE = 4096
 # Constants the kernels read (Triton kernels see module globals only as constexpr).
 _MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _EPS: tl.constexpr = tl.constexpr(AMAX_EPS)
-
-
-def quantize_groups_reference(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: (payload E4M3 [R, G·c], inv_scale fp32 [R, G, 1]) of x [..., C]."""
-    num_cols = x.shape[-1]
-    # Rows narrower than a group (a head dim of 64 with groups of 128) are one group each, not padded.
-    group_size = min(group_size, num_cols)
-    num_groups = math.ceil(num_cols / group_size)
-    x_RC = x.detach().reshape(-1, num_cols).float()
-    x_RGc = F.pad(x_RC, (0, num_groups * group_size - num_cols)).view(x_RC.shape[0], num_groups, group_size)
-    scale = FP8_MAX / x_RGc.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS)
-    payload = (x_RGc * scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3).view(x_RC.shape[0], -1)
-    return payload, scale.reciprocal()
-
-
-def dequantize_groups_reference(
-    payload: torch.Tensor, inv_scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype
-) -> torch.Tensor:
-    """Plain PyTorch: the tensor of `shape` and `dtype` that `quantize_groups_reference` stored."""
-    rows, num_groups = inv_scale.shape[:2]
-    x_RGc = payload.view(rows, num_groups, -1).float() * inv_scale
-    return x_RGc.view(rows, -1)[:, : shape[-1]].reshape(shape).to(dtype)
 
 
 @triton.jit
@@ -246,20 +226,3 @@ def dequantize_groups_triton(
         num_warps=num_warps,
     )
     return out.view(shape)
-
-
-def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel on CUDA in eager mode; the reference elsewhere (Inductor fuses the reference's ops
-    itself, where a Triton launch would be opaque to it)."""
-    if x.is_cuda and not _traced(x):
-        return quantize_groups_triton(x, group_size)
-    return quantize_groups_reference(x, group_size)
-
-
-def dequantize_groups(
-    payload: torch.Tensor, inv_scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype
-) -> torch.Tensor:
-    """The Triton kernel on CUDA in eager mode; the reference elsewhere."""
-    if payload.is_cuda and not _traced(payload):
-        return dequantize_groups_triton(payload, inv_scale, shape, dtype)
-    return dequantize_groups_reference(payload, inv_scale, shape, dtype)

@@ -10,8 +10,9 @@ per element at group 128, against 2 for bf16 and 4 for fp32).
 The error enters gradients only (the forward uses the exact activations): weight gradients average it over
 tokens, which is why it costs little accuracy (COAT §6 reports matching BF16 loss curves).
 
-The quantisation itself is kernels/fp8_groups.py: one Triton kernel each way on CUDA (one read of the
-tensor, no fp32 temporaries), the plain-PyTorch reference elsewhere; both give the same bits.
+The quantisation itself is kernels/fp8_groups_reference.py: on CUDA it runs the Triton kernels of
+kernels/fp8_groups.py (one each way, one read of the tensor, no fp32 temporaries), the plain-PyTorch reference
+elsewhere; both give the same bits.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from treadle.kernels import fp8_groups
-from treadle.kernels.fp8_groups import FP8_MAX
+from treadle.kernels import fp8_groups_reference as fp8_groups
+from treadle.kernels.fp8_groups_reference import E4M3, FP8_MAX
 
-FP8_DTYPE = fp8_groups.E4M3
+FP8_DTYPE = E4M3
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "CompressedTensor", "dequantize_groups", "quantize_groups"]
 

@@ -24,6 +24,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from treadle.models.export_files import (
+    absolute_base,
+    save_safetensors,
+    special_token_ids,
+    write_generation_config,
+)
 from treadle.models.init import canonical_name
 from treadle.models.lora import (
     LoRALinear,
@@ -127,6 +133,20 @@ def hf_config_from_model(cfg: Any, architecture: str, dtype: torch.dtype) -> dic
     return hf_adapter_for(architecture).config_to_hf(cfg, architecture, dtype)
 
 
+def _safe_open(file: Path) -> Any:
+    """`safe_open`, with a truncated or corrupt file (safetensors checks the header against the file size)
+    named in the error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"model.pretrained: {file} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+            "re-download or re-export it"
+        ) from e
+
+
 class SafetensorsCheckpoint:
     """The tensors of a model directory: one `model.safetensors` or shards listed by an index."""
 
@@ -144,9 +164,7 @@ class SafetensorsCheckpoint:
                             "download the missing shards")  # fmt: skip
             self.files = {key: self.dir / f for key, f in weight_map.items()}
         elif (self.dir / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / SINGLE_FILE, framework="pt") as f:
+            with _safe_open(self.dir / SINGLE_FILE) as f:
                 self.files = {key: self.dir / SINGLE_FILE for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         else:
             raise ValueError(
@@ -157,8 +175,6 @@ class SafetensorsCheckpoint:
 
     def slice(self, key: str, shape: torch.Size, index: tuple[slice, ...]) -> torch.Tensor:
         """`key[index]`, after checking that the stored tensor has `shape`."""
-        from safetensors import safe_open
-
         if key not in self.files:
             raise ValueError(
                 f"model.pretrained={self.dir}: tensor {key!r} is missing from the checkpoint; the config.json does "
@@ -166,7 +182,7 @@ class SafetensorsCheckpoint:
             )
         file = self.files[key]
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt", device="cpu")
+            self._open[file] = _safe_open(file)
         view = self._open[file].get_slice(key)
         stored = tuple(view.get_shape())
         if stored != tuple(shape):
@@ -277,10 +293,8 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         name = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+        save_safetensors(self.pending, self.tmp / name)
         self.written.append(name)
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.pending, self.pending_bytes = {}, 0
@@ -305,6 +319,7 @@ class ShardWriter:
             for name in TOKENIZER_FILES:
                 if (Path(source_dir).expanduser() / name).is_file():
                     shutil.copy2(Path(source_dir).expanduser() / name, self.tmp / name)
+        write_generation_config(self.tmp, special_token_ids(source_dir))
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp, self.out_dir)
@@ -326,7 +341,8 @@ def write_hf(
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
     for name, tensor in tensors:
         writer.add(adapter.hf_name(name), tensor.to(dtype))
-    return writer.finish(adapter.config_to_hf(cfg, architecture, dtype), cfg.pretrained)
+    config = {**adapter.config_to_hf(cfg, architecture, dtype), **special_token_ids(cfg.pretrained)}
+    return writer.finish(config, cfg.pretrained)
 
 
 def export_hf(
@@ -356,8 +372,6 @@ def export_peft(
 
     Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
     """
-    from safetensors.torch import save_file
-
     hf_name = adapter_of(model_cfg).hf_name
     state = adapter_state(model)
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -366,10 +380,9 @@ def export_peft(
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     tensors = {f"base_model.model.{hf_name(name)}": t.contiguous() for name, t in state.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(
-        json.dumps(peft_adapter_config(cfg, base_model, adapted_names(model)), indent=2) + "\n"
-    )
+    save_safetensors(tensors, tmp / "adapter_model.safetensors")
+    config = peft_adapter_config(cfg, absolute_base(base_model), adapted_names(model))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -172,9 +172,10 @@ def _resolve(op: str, name: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        install = 'pip install "treadle[kernels]"' if err.name == "triton" else "install its dependencies"
         raise ValueError(
-            f"kernels.{op}={name!r} needs {module_name}, which failed to import ({err}); fix: install its "
-            f"dependencies or choose another implementation ({sorted(_REGISTRY[op])})"
+            f"kernels.{op}={name!r} needs {module_name}, which failed to import ({err}); fix: {install} "
+            f"or choose another implementation ({sorted(_REGISTRY[op])})"
         ) from err
     _REGISTRY[op][name] = getattr(module, attribute)
     return _REGISTRY[op][name]

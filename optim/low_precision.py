@@ -15,9 +15,9 @@ Under FSDP2 all three are DTensors on the parameter's mesh with its placements, 
 `torch.distributed.checkpoint.state_dict.get_state_dict` and DCP save them sharded and reshard them at another
 data-parallel size. No communication: every rank updates its own shard.
 
-The quantisation and the AdamW math live in `treadle.kernels.adamw_fp8`, next to the fused kernel that runs
-the FP8 step on CUDA (`fused`): one launch per parameter shard instead of dozens of aten kernels with fp32
-temporaries as large as the parameter.
+The quantisation and the AdamW math live in `treadle.kernels.adamw_fp8_reference`; the fused kernel that runs
+the FP8 step on CUDA (`fused`) is `treadle.kernels.adamw_fp8`, imported at its first step (only it needs Triton):
+one launch per parameter shard instead of dozens of aten kernels with fp32 temporaries as large as the parameter.
 """
 
 from __future__ import annotations
@@ -29,16 +29,15 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from treadle.kernels.adamw_fp8 import (
+from treadle.kernels.adamw_fp8_reference import (
     FP8_DTYPE,
     AdamWStep,
     Fp8Moment,
-    adamw_fp8_step_triton,
     adamw_update_,
     dequantize_fp8,
     quantize_fp8,
 )
-from treadle.kernels.fp8_cast import _interpreting
+from treadle.kernels.fp8_linear import _interpreting
 
 __all__ = ["FP8_DTYPE", "STATE_DTYPES", "LowPrecisionAdamW", "dequantize_fp8", "quantize_fp8"]
 
@@ -214,6 +213,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 )
                 param, grad = _local(p), _local(p.grad)
                 if use_kernel:
+                    from treadle.kernels.adamw_fp8 import adamw_fp8_step_triton
+
                     adamw_fp8_step_triton(
                         param,
                         grad,

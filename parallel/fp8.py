@@ -9,7 +9,7 @@ Two backends behind one switch, `fp8.backend`, converting the same layers (`fp8.
 so that they can be compared run for run:
 
 - `treadle` (default): `Float8Linear` below, an `nn.Linear` (same parameters, names and init) whose forward
-  runs `kernels.fp8_cast.Float8MatmulFunction`: dynamic scaling, E4M3 forward operands, E5M2 (tensorwise) or
+  runs `kernels.fp8_linear.Float8MatmulFunction`: dynamic scaling, E4M3 forward operands, E5M2 (tensorwise) or
   E4M3 (rowwise) gradients. Under FSDP2 the weight is all-gathered in the parameter dtype (bf16) and cast
   to FP8 after the gather; FP8 all-gather is not implemented here.
 - `torchao`: torchao's `Float8Linear` (`torchao.float8.convert_to_float8_training`) with the matching
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from treadle.kernels.fp8_cast import (
+from treadle.kernels.fp8_linear import (
     RECIPES,
     Float8MatmulFunction,
     Float8MatmulGraphFunction,
@@ -59,7 +59,7 @@ BACKENDS = ("treadle", "torchao")
 class Float8Config:
     enabled: bool = False
     recipe: str = "tensorwise"  # tensorwise | rowwise (one scale per tensor, or per row along K)
-    backend: str = "treadle"  # treadle (kernels/fp8_cast.py) | torchao (parallel/fp8_torchao.py)
+    backend: str = "treadle"  # treadle (kernels/fp8_linear.py) | torchao (parallel/fp8_torchao.py)
     # fnmatch patterns on module FQNs: a linear is converted if it matches an include and no exclude.
     include: list[str] = field(default_factory=lambda: ["layers.*"])
     exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head", "output"])

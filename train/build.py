@@ -25,6 +25,7 @@ from treadle.parallel.registry import build_engine
 from treadle.train.checkpoint import COMPLETE_MARKER, CheckpointManager
 from treadle.train.config import TrainConfig
 from treadle.train.data import StepLoader, build_datasets, prepare_data
+from treadle.train.errors import UserError
 from treadle.train.loggers import MetricLogger
 from treadle.train.trainer import Trainer
 
@@ -41,7 +42,7 @@ def select_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is visible; fix: run.device=auto or cpu")
+        raise UserError("run.device=cuda but no CUDA device is visible; fix: run.device=auto or cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -74,7 +75,10 @@ def weight_loader(cfg: TrainConfig) -> WeightLoader | None:
 
     def load(model: torch.nn.Module) -> None:
         if cfg.model.pretrained is not None:
-            load_hf_weights(model, cfg.model.pretrained)
+            try:
+                load_hf_weights(model, cfg.model.pretrained)
+            except ValueError as e:  # the directory's files, named in the message (models/hf.py)
+                raise UserError(str(e)) from e
         else:
             init_quantized_bases(model, cfg.trainer.seed)
         finish_adapters(model)
@@ -180,6 +184,6 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = {pipeline}dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × "
         f"cp {dims.cp} × tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
-        + (f"; resumed from {resume_from} at step {trainer.step}" if resume_from else "")
+        + (f"; resumed from {checkpointer.loaded_from} at step {trainer.step}" if resume_from else "")
     )
     return trainer

@@ -47,6 +47,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from treadle.train.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "treadle.json"
@@ -64,6 +66,9 @@ class CheckpointConfig:
     # "none" | "auto" (newest complete checkpoint in dir, or start fresh) | a path to a step dir
     resume: str = "auto"
     keep_last: int = 3  # keep the newest k complete checkpoints (0 = keep all)
+    # resume=auto when the newest complete checkpoint fails to load: false falls back to the previous complete
+    # one (with a warning naming both), true refuses to start
+    strict_resume: bool = False
     async_save: bool = False  # dcp.async_save: training continues while the write finishes
 
 
@@ -125,11 +130,11 @@ class CheckpointManager:
         self, cfg: CheckpointConfig, *, rank: int, world_size: int, metadata: dict[str, Any] | None = None
     ):
         if cfg.every < 0:
-            raise ValueError(f"checkpoint.every={cfg.every} must be >= 0; fix: 0 turns periodic saves off")
+            raise UserError(f"checkpoint.every={cfg.every} must be >= 0; fix: 0 turns periodic saves off")
         if cfg.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last={cfg.keep_last} must be >= 0; fix: 0 keeps all")
+            raise UserError(f"checkpoint.keep_last={cfg.keep_last} must be >= 0; fix: 0 keeps all")
         if not cfg.resume:
-            raise ValueError("checkpoint.resume is empty; fix: 'none', 'auto' or a path to a step directory")
+            raise UserError("checkpoint.resume is empty; fix: 'none', 'auto' or a path to a step directory")
         if dist.is_initialized():
             assert (rank, world_size) == (dist.get_rank(), dist.get_world_size()), (
                 f"rank/world_size {rank}/{world_size} differ from the process group's "
@@ -139,6 +144,7 @@ class CheckpointManager:
         self.metadata = dict(metadata or {})  # recorded in every checkpoint's marker
         self.root = Path(cfg.dir)
         self._last_saved_step: int | None = None
+        self.loaded_from: Path | None = None  # the checkpoint `load` restored (after any fall-back)
         self._pending: tuple[int, Future[Any]] | None = None
         # async_save's collectives run in a background thread while training keeps using the default group;
         # a separate group keeps the two streams of collectives apart. It must be gloo: DCP's async path
@@ -253,6 +259,7 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume == "auto":
+            self._log_skipped()
             checkpoints = complete_checkpoints(self.root)
             return checkpoints[-1][1] if checkpoints else None
         path = Path(resume).expanduser()
@@ -265,29 +272,83 @@ class CheckpointManager:
             if inside
             else "pass a complete step directory (one with treadle.json), 'auto' or 'none'"
         )
-        raise ValueError(
+        raise UserError(
             f"checkpoint.resume={resume!r}: {path} is not a usable checkpoint: {reason}; fix: {fix}"
         )
 
+    def _log_skipped(self) -> None:
+        """Name every step directory (or leftover of an unfinished save) that resume=auto passes over."""
+        if self.rank != 0 or not self.root.is_dir():
+            return
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(_TMP_PREFIX) and _STEP_DIR.fullmatch(child.name[len(_TMP_PREFIX) :]):
+                logger.warning("checkpoint.resume=auto skips %s: a save that did not finish", child)
+            elif _STEP_DIR.fullmatch(child.name) and (reason := incomplete_reason(child)) is not None:
+                logger.warning("checkpoint.resume=auto skips %s: %s", child, reason)
+
     def load(self, path: Path | str, app_state: dict[str, Stateful]) -> int:
-        """Load the checkpoint at `path` into `app_state` in place; returns its step."""
+        """Load the checkpoint at `path` into `app_state` in place; returns the step loaded.
+
+        With checkpoint.resume=auto and strict_resume=false, a checkpoint that fails to load (on any rank) is
+        passed over for the previous complete one, with a warning naming both; the error is raised when none
+        is left. Every rank takes the same decision: the ranks agree on the outcome after each attempt.
+        """
         self.wait()
         path = Path(path)
+        fall_back = self.cfg.resume == "auto" and not self.cfg.strict_resume
+        older = [p for s, p in complete_checkpoints(self.root) if p != path] if fall_back else []
+        while True:
+            try:
+                step: int | None = self._load_one(path, app_state)
+                error: ValueError | None = None
+            except ValueError as e:
+                step, error = None, e
+            error = self._first_error(error)
+            if error is None:
+                assert step is not None
+                self.loaded_from = path
+                return step
+            previous = [p for p in older if _step_of(p) < _step_of(path)]
+            if not previous:
+                raise error
+            if self.rank == 0:
+                logger.warning(
+                    "checkpoint.resume=auto: %s does not load (%s); resuming from the previous complete "
+                    "checkpoint %s instead (checkpoint.strict_resume=true refuses to start instead)",
+                    path,
+                    error,
+                    previous[-1],
+                )
+            path = previous[-1]
+
+    def _first_error(self, error: ValueError | None) -> ValueError | None:
+        """This rank's error, or the lowest failing rank's where this one loaded: a checkpoint that fails
+        anywhere is passed over everywhere (an RNG file is read per rank, after DCP's collective load)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return error
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        if error is not None:
+            return error
+        failed = next((m for m in messages if m is not None), None)
+        return None if failed is None else ValueError(failed)
+
+    def _load_one(self, path: Path, app_state: dict[str, Stateful]) -> int:
         fix = (
             "fix: resume from another step directory (checkpoint.resume=<dir>/step_<n>) or start fresh with "
             "checkpoint.resume=none"
         )
         reason = incomplete_reason(path)
         if reason is not None:
-            raise ValueError(f"checkpoint {path} cannot be loaded: {reason}; {fix}")
+            raise UserError(f"checkpoint {path} cannot be loaded: {reason}; {fix}")
         try:
             with open(path / COMPLETE_MARKER) as f:
                 marker = json.load(f)
             step, saved_world_size = int(marker["step"]), int(marker["world_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} ({e}); {fix}") from e
+            raise UserError(f"checkpoint {path}: unreadable {COMPLETE_MARKER} ({e}); {fix}") from e
         if "base_model" in self.metadata and marker.get("base_model") != self.metadata["base_model"]:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} holds adapters for base model {marker.get('base_model')!r}, but this run's "
                 f"model.pretrained is {self.metadata['base_model']!r}; fix: set model.pretrained to the base the "
                 f"adapters were trained on, or {fix.removeprefix('fix: ')}"
@@ -299,7 +360,7 @@ class CheckpointManager:
                     stateful.load_files(path)
         # CheckpointException (DCP's failure on any rank, raised on all of them) is a BaseException.
         except (Exception, CheckpointException) as e:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} is corrupt or does not match the model/optimizer/app state being "
                 f"resumed ({_describe(e)}); {fix}"
             ) from e
@@ -331,7 +392,7 @@ class CheckpointManager:
         try:
             _set_rng_state(torch.load(rng_file, weights_only=True))
         except Exception as e:
-            raise ValueError(f"checkpoint {path}: unreadable {rng_file.name} ({e}); {fix}") from e
+            raise UserError(f"checkpoint {path}: unreadable {rng_file.name} ({e}); {fix}") from e
 
     def close(self) -> None:
         """Finish any save in flight and release the async group."""
@@ -343,6 +404,11 @@ class CheckpointManager:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
 
 
 def _describe(e: BaseException) -> str:

@@ -4,6 +4,8 @@ key; `validate` then checks the rules that span components, before any process g
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,8 @@ from treadle.parallel.fsdp import dtype_name, resolve_dtype
 from treadle.parallel.registry import engine_names, get_engine
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
-from treadle.train.loggers import LoggingConfig
+from treadle.train.loggers import LoggingConfig, check_logging_config
+from treadle.train.run_dir import check_resume_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAN_POLICIES = ("skip", "abort")
@@ -50,7 +53,9 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
     eval_every: int = 0  # 0 = evaluate only at the end
-    eval_batches: int = 8  # micro-batches of the held-out split per evaluation (per data-parallel rank)
+    # held-out sequences per evaluation, in micro-batches: eval_batches × micro_batch_size in all, the same on
+    # every layout (dealt out over the data-parallel ranks)
+    eval_batches: int = 8
     nan_policy: str = "skip"  # skip: drop the update of a step whose gradients are not finite; abort: stop
     max_consecutive_skips: int = 5  # abort after this many skipped steps in a row
 
@@ -120,6 +125,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     _validate_parallel(cfg, dims)
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
+    _validate_run_dirs(cfg)
+    check_resume_config(cfg)
     return dims
 
 
@@ -251,6 +258,10 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
     """Batch arithmetic, data, schedule, logging and checkpoint settings."""
     trainer = cfg.trainer
     _check(trainer.max_steps >= 1, f"trainer.max_steps={trainer.max_steps} must be >= 1")
+    _check(
+        math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0,
+        f"optim.lr={cfg.optim.lr} must be a positive number; fix: set optim.lr, e.g. optim.lr=3e-4",
+    )
     _check(trainer.micro_batch_size >= 1, f"trainer.micro_batch_size={trainer.micro_batch_size} must be >= 1")
     per_step = trainer.micro_batch_size * dims.dp_size
     _check(
@@ -282,6 +293,7 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of {WANDB_MODES}",
     )
     _check(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1")
+    check_logging_config(cfg.logging)  # e.g. logging.tensorboard=true without tensorboard, before any work
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0 = off)")
     _check(
         cfg.run.device in ("auto", "cpu", "cuda"), f"run.device={cfg.run.device!r} is not auto, cpu or cuda"
@@ -294,11 +306,33 @@ def _validate_training(cfg: TrainConfig, dims: ParallelDims) -> None:
         )
 
 
+def _validate_run_dirs(cfg: TrainConfig) -> None:
+    """run.dir and checkpoint.dir are directories this process can create or write: checked before any work,
+    not at the first save."""
+    for key, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        path = Path(value).expanduser()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        _check(
+            existing.is_dir(),
+            f"{key}={value}: {existing} is a file, not a directory; fix: point {key} at a directory (or remove "
+            f"the file)",
+        )
+        _check(
+            os.access(existing, os.W_OK | os.X_OK),
+            f"{key}={value}: {existing} is not writable by this user; fix: point {key} (or run.name) at a "
+            f"writable place, or change the directory's permissions",
+        )
+
+
 def load_config(overrides: list[str] | None = None) -> TrainConfig:
     """Compose `configs/train.yaml` with Hydra overrides, outside `@hydra.main` (tests, benchmarks, notebooks)."""
     from hydra import compose, initialize_config_dir
 
+    from treadle.train.config_keys import check_known_keys, check_overrides
+
     register_configs()
+    check_overrides(list(overrides or []), CONFIG_DIR)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         raw = compose(config_name="train", overrides=list(overrides or []))
+    check_known_keys(raw)
     return OmegaConf.to_object(raw)

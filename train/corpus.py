@@ -13,6 +13,7 @@ complete and concurrent builders (several ranks, several nodes on a shared file 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from treadle.train.errors import UserError
 from treadle.train.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -132,15 +134,13 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"data.path: cannot read the sidecar {path} ({e}); regenerate it or delete it"
-        ) from e
+        raise UserError(f"data.path: cannot read the sidecar {path} ({e}); regenerate it or delete it") from e
     if not isinstance(meta, dict) or meta.get("format") != TOKEN_FORMAT:
-        raise ValueError(
+        raise UserError(
             f"data.path: sidecar {path} is not a {TOKEN_FORMAT!r} file; regenerate it or delete it"
         )
     if meta.get("dtype") not in TOKEN_DTYPES or not isinstance(meta.get("num_tokens"), int):
-        raise ValueError(
+        raise UserError(
             f"data.path: sidecar {path} needs 'dtype' (one of {', '.join(TOKEN_DTYPES)}) and an integer "
             "'num_tokens'; regenerate it"
         )
@@ -153,41 +153,41 @@ def read_token_meta(
     """Validate a token file against its sidecar (or `data.token_dtype`/`data.eos_id` without one)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ValueError(f"data.path: {path} does not exist; set data.path to a .bin token file")
+        raise UserError(f"data.path: {path} does not exist; set data.path to a .bin token file")
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"data.path: {path} is not a file; for data.source=tokens set it to the .bin token file"
         )
     if token_dtype not in ("auto", *TOKEN_DTYPES):
-        raise ValueError(f"data.token_dtype={token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
+        raise UserError(f"data.token_dtype={token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
     sidecar = sidecar_path(path)
     meta: dict[str, Any] = {}
     if sidecar.is_file() and sidecar != path:
         meta = _read_sidecar(sidecar)
         if token_dtype != "auto" and token_dtype != meta["dtype"]:
-            raise ValueError(
+            raise UserError(
                 f"data.token_dtype={token_dtype} disagrees with {sidecar} (dtype {meta['dtype']}); "
                 "set data.token_dtype to auto"
             )
         if eos_id is not None and meta.get("eos_id") is not None and eos_id != meta["eos_id"]:
-            raise ValueError(
+            raise UserError(
                 f"data.eos_id={eos_id} disagrees with {sidecar} (eos_id {meta['eos_id']}); leave data.eos_id unset"
             )
         token_dtype = meta["dtype"]
     elif token_dtype == "auto":
-        raise ValueError(
+        raise UserError(
             f"data.token_dtype: {path} has no sidecar {sidecar.name}, so its dtype is unknown; set "
             "data.token_dtype to uint16 or uint32 (and data.eos_id to the document separator)"
         )
     itemsize = np.dtype(token_dtype).itemsize
     size = path.stat().st_size
     if size % itemsize:
-        raise ValueError(
+        raise UserError(
             f"data.path: {path} is {size} bytes, not a multiple of {itemsize} ({token_dtype}); the file is "
             "truncated or data.token_dtype is wrong"
         )
     if meta and meta["num_tokens"] * itemsize != size:
-        raise ValueError(
+        raise UserError(
             f"data.path: sidecar {sidecar} says num_tokens={meta['num_tokens']} ({token_dtype}, "
             f"{meta['num_tokens'] * itemsize} bytes) but {path} is {size} bytes; the pair is out of sync: "
             "regenerate it (launch/prepare_data.py)"
@@ -202,6 +202,33 @@ def read_token_meta(
     )
 
 
+_MAX_ID_CHUNK = 1 << 26  # tokens per read of the max-id scan (128 MiB of uint16)
+
+
+def max_token_id(path: str | Path, meta: TokenFileMeta, cache_dir: str | Path) -> int:
+    """The largest token id in the file (-1 if empty), scanned once and kept in `cache_dir/token_max/`
+    under the file's path, size and modification time, so a changed file is scanned again."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    cache = (
+        Path(cache_dir).expanduser()
+        / "token_max"
+        / f"{_key(path, stat.st_size, stat.st_mtime_ns, meta.dtype)}.json"
+    )
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads(cache.read_text(encoding="utf-8"))["max_id"])
+    tokens = np.memmap(path, dtype=np.dtype(meta.dtype).newbyteorder("<"), mode="r", shape=(meta.num_tokens,))
+    max_id = -1
+    for start in range(0, meta.num_tokens, _MAX_ID_CHUNK):
+        max_id = max(max_id, int(tokens[start : start + _MAX_ID_CHUNK].max()))
+    # A read-only cache directory only costs a rescan next time.
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"path": str(path), "max_id": max_id}).encode()
+        _atomic_write(cache, lambda f: f.write(record))
+    return max_id
+
+
 # ---- documents ----
 
 
@@ -209,7 +236,7 @@ def list_document_files(path: str | Path, *, key: str = "data.path") -> list[Pat
     """A file itself, or every document file under a directory in sorted order (deterministic token order)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ValueError(f"{key}: {path} does not exist")
+        raise UserError(f"{key}: {path} does not exist")
     if path.is_file():
         return [path]
     files = sorted(
@@ -220,23 +247,23 @@ def list_document_files(path: str | Path, *, key: str = "data.path") -> list[Pat
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
-        raise ValueError(f"{key}: {path} holds no {'/'.join(DOCUMENT_SUFFIXES)} files")
+        raise UserError(f"{key}: {path} holds no {'/'.join(DOCUMENT_SUFFIXES)} files")
     return files
 
 
 def _record_text(record: Any, text_field: str, where: str, field_key: str) -> str:
     if not isinstance(record, dict):
-        raise ValueError(
+        raise UserError(
             f"{where}: expected a JSON object with field {text_field!r}, got {type(record).__name__}"
         )
     if text_field not in record:
         fields = ", ".join(map(repr, list(record)[:10]))
-        raise ValueError(
+        raise UserError(
             f"{where}: no field {text_field!r} (fields: {fields}); set {field_key} to the field holding the text"
         )
     text = record[text_field]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string")
+        raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string")
     return text
 
 
@@ -255,7 +282,7 @@ def _jsonl_texts(path: Path, text_field: str, field_key: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise ValueError(
+                raise UserError(
                     f"{path}:{lineno} is not valid JSON ({e}); each line must be one JSON object (JSON lines)"
                 ) from None
             yield _record_text(record, text_field, f"{path}:{lineno}", field_key)
@@ -269,7 +296,7 @@ def _parquet_texts(path: Path, text_field: str, field_key: str) -> Iterator[str]
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         fields = ", ".join(map(repr, pf.schema_arrow.names[:10]))
-        raise ValueError(
+        raise UserError(
             f"{path}: no column {text_field!r} (columns: {fields}); set {field_key} to the column holding the text"
         )
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
@@ -294,7 +321,7 @@ def iter_documents(
             try:
                 yield path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(
+                raise UserError(
                     f"{path} is not UTF-8 text ({e}); documents come from .jsonl/.json/.parquet or text files "
                     "(a token .bin is read with data.source=tokens)"
                 ) from None

@@ -30,8 +30,10 @@ from treadle.train.corpus import (
     TokenFileMeta,
     ensure_hf_tokens,
     ensure_stdlib_tokens,
+    max_token_id,
     read_token_meta,
 )
+from treadle.train.errors import UserError
 from treadle.train.sft import PackedConversations, ensure_sft_tokens
 from treadle.train.tokenizer import BYTE_TOKENIZER, HFTokenizer, load_tokenizer
 
@@ -62,9 +64,9 @@ class DataConfig:
 def validate_data_config(cfg: DataConfig) -> None:
     """Single-key checks; raises ValueError naming the key and the fix."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+        raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
     if cfg.source == "chat" and cfg.tokenizer == BYTE_TOKENIZER:
-        raise ValueError(
+        raise UserError(
             "data.source=chat needs the model's Hugging Face tokenizer and chat template; set data.tokenizer to the "
             "model directory (or its tokenizer.json)"
         )
@@ -72,15 +74,19 @@ def validate_data_config(cfg: DataConfig) -> None:
         what = (
             "the .bin token file" if cfg.source == "tokens" else "a .jsonl/.json/.parquet file or a directory"
         )
-        raise ValueError(f"data.path is required for data.source={cfg.source}; set it to {what}")
-    if cfg.seq_len < 1:
-        raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 1")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
-    if cfg.token_dtype not in ("auto", *TOKEN_DTYPES):
-        raise ValueError(
-            f"data.token_dtype={cfg.token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}"
+        raise UserError(f"data.path is required for data.source={cfg.source}; set it to {what}")
+    if cfg.source == "stdlib" and cfg.path:
+        raise UserError(
+            f"data.path={cfg.path} is set, but data.source=stdlib trains on the embedded corpus and would ignore "
+            "it; fix: add data=tokens (a .bin token file from launch/prepare_data.py) or data=hf (documents, "
+            "with data.tokenizer), or drop data.path"
         )
+    if cfg.seq_len < 1:
+        raise UserError(f"data.seq_len={cfg.seq_len} must be at least 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if cfg.token_dtype not in ("auto", *TOKEN_DTYPES):
+        raise UserError(f"data.token_dtype={cfg.token_dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
 
 
 def pack_windows(windows_BS1: torch.Tensor, *, eos_id: int | None, document_mask: bool) -> Batch:
@@ -231,21 +237,25 @@ class StepLoader:
 def eval_batches(
     dataset: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, num_batches: int | None = None
 ) -> Iterator[Batch]:
-    """The validation split in order, from its start every call: rank r's batch b is rows
+    """The held-out samples [0, num_batches × micro_batch_size) of the validation split (the whole split
+    with `num_batches=None`), the same samples whatever the data-parallel size, so the held-out loss does not
+    depend on the number of processes. They are dealt out in micro-batches: rank r's batch b holds samples
     [(b * dp_size + r) * micro_batch_size, +micro_batch_size).
 
-    Every rank yields the same number of batches, as the eval loop's collectives need. `num_batches=None` takes the
-    full global batches that fit (at least one); indices wrap around the split, so a split smaller than what is
-    asked for repeats samples rather than giving ranks unequal work.
+    Every rank yields the same number of batches, as the eval loop's collectives need: rows past the last
+    sample are filled with repeats whose labels are all IGNORE_INDEX, so they count no tokens. Sample indices
+    wrap around a split smaller than what is asked for (those repeats do count, on every layout alike).
     """
     num_samples = len(dataset)
     if num_samples == 0:
         return
-    if num_batches is None:
-        num_batches = max(1, num_samples // (micro_batch_size * dp_size))
-    for b in range(num_batches):
+    total = num_samples if num_batches is None else num_batches * micro_batch_size
+    for b in range(math.ceil(total / (micro_batch_size * dp_size))):
         first = (b * dp_size + dp_rank) * micro_batch_size
-        yield dataset.get_batch(np.arange(first, first + micro_batch_size) % num_samples)
+        indices = np.arange(first, first + micro_batch_size)
+        batch = dataset.get_batch(indices % num_samples)
+        batch.labels[torch.from_numpy(indices >= total)] = IGNORE_INDEX
+        yield batch
 
 
 def _token_file(cfg: DataConfig) -> tuple[Path, TokenFileMeta]:
@@ -297,7 +307,8 @@ def prepare_data(cfg: DataConfig) -> None:
     if cfg.source == "chat":
         _sft_cache(cfg)
     else:
-        _token_file(cfg)
+        # The max-id scan of `build_datasets`' vocabulary check, done here once for every rank.
+        max_token_id(*_token_file(cfg), cfg.cache_dir)
 
 
 def _num_val(num: int, val_fraction: float) -> int:
@@ -310,7 +321,7 @@ def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
 
     cache, tokenizer = _sft_cache(cfg)
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"data.tokenizer={cfg.tokenizer!r} has a vocabulary of {tokenizer.vocab_size} tokens but "
             f"model.vocab_size={vocab_size}; use the model's own tokenizer"
         )
@@ -318,7 +329,7 @@ def _chat_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
     num_rows = len(rows)
     num_val = _num_val(num_rows, cfg.val_fraction)
     if num_rows - num_val < 1:
-        raise ValueError(
+        raise UserError(
             f"data.val_fraction={cfg.val_fraction} leaves no training rows: {cfg.path} packs into {num_rows} rows "
             f"of data.seq_len={cfg.seq_len}; lower data.val_fraction or use more conversations"
         )
@@ -332,12 +343,23 @@ def _check_vocab(cfg: DataConfig, meta: TokenFileMeta, path: Path, vocab_size: i
         f"data.tokenizer={cfg.tokenizer!r}" if cfg.source != "tokens" else f"data.path={str(path)!r}"
     )
     if meta.vocab_size is not None and meta.vocab_size > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{tokenized_with} has a vocabulary of {meta.vocab_size} tokens but model.vocab_size={vocab_size}; "
             f"set model.vocab_size to at least {meta.vocab_size} or choose a data.tokenizer that fits the model"
         )
     if meta.eos_id is not None and not 0 <= meta.eos_id < vocab_size:
-        raise ValueError(f"data.eos_id={meta.eos_id} is outside model.vocab_size={vocab_size}")
+        raise UserError(f"data.eos_id={meta.eos_id} is outside model.vocab_size={vocab_size}")
+    max_id = max_token_id(path, meta, cfg.cache_dir)
+    if max_id >= vocab_size:
+        fix = (
+            "re-tokenize it with the model's tokenizer (launch/prepare_data.py --tokenizer)"
+            if cfg.source == "tokens"
+            else "choose a data.tokenizer that fits the model"
+        )
+        raise UserError(
+            f"token file {path} holds token id {max_id}, past model.vocab_size={vocab_size} (ids must be < "
+            f"model.vocab_size); fix: set model.vocab_size to at least {max_id + 1}, or {fix}"
+        )
 
 
 def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Dataset]:
@@ -345,7 +367,7 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     and data.tokenizer).
 
     Builds the cache itself if `prepare_data` has not (atomically, so concurrent ranks are safe, only slower).
-    A token file without a sidecar has no recorded vocabulary; its ids are trusted to fit model.vocab_size.
+    Every token file's largest id is checked against model.vocab_size (scanned once, cached in data.cache_dir).
     """
     validate_data_config(cfg)
     if cfg.source == "chat":
@@ -353,12 +375,12 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     path, meta = _token_file(cfg)
     _check_vocab(cfg, meta, path, vocab_size)
     if cfg.document_mask and meta.eos_id is None:
-        raise ValueError(
+        raise UserError(
             f"data.eos_id: {path} has no sidecar naming its document separator; set data.eos_id, or set "
             "data.document_mask=false"
         )
     if meta.num_tokens < cfg.seq_len + 1:
-        raise ValueError(
+        raise UserError(
             f"data.seq_len: {path} has {meta.num_tokens} tokens, fewer than one sequence of data.seq_len + 1 = "
             f"{cfg.seq_len + 1}; lower data.seq_len or use more data"
         )
@@ -367,7 +389,7 @@ def build_datasets(cfg: DataConfig, *, vocab_size: int) -> tuple[Dataset, Datase
     num_val = _num_val(num_windows, cfg.val_fraction)
     num_train = num_windows - num_val
     if num_train < 1:
-        raise ValueError(
+        raise UserError(
             f"data.val_fraction={cfg.val_fraction} leaves no training sequences: {path} holds only {num_windows} "
             f"sequences of data.seq_len={cfg.seq_len}; lower data.val_fraction or data.seq_len, or use more data"
         )

@@ -41,7 +41,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-def _check_config(cfg: LoggingConfig) -> None:
+def check_logging_config(cfg: LoggingConfig) -> None:
+    """The sinks' settings and packages; `validate` calls it at start, the logger again."""
     # Checked on every rank, not only the writing one, so that a bad setting stops all ranks alike instead
     # of rank 0 raising while the others wait for it in a collective.
     if cfg.every < 1:
@@ -103,7 +104,7 @@ class MetricLogger:
       loss/lr/gnorm/tok/s/mfu/mem, when `progress_bar` is on and stderr (where the bar draws) is a TTY;
       otherwise, as in a SLURM log file, one compact `logging` INFO line per call instead.
     - Weights & Biases unless `wandb.mode=disabled`, in `<run_dir>/wandb`. The run id is kept in
-      `<run_dir>/wandb/run_id` so that a resumed run continues the same W&B run (W&B drops values for
+      `<run_dir>/wandb/run_id` so that a resumed run (`start_step` > 0) continues the same W&B run (W&B drops values for
       steps at or below the last one it holds, so steps repeated after a crash keep their first value).
     - TensorBoard in `<run_dir>/tensorboard` when `tensorboard` is on.
     W&B and TensorBoard skip None values.
@@ -124,7 +125,7 @@ class MetricLogger:
         total_steps: int,
         start_step: int = 0,
     ) -> None:
-        _check_config(cfg)
+        check_logging_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -132,6 +133,7 @@ class MetricLogger:
         self._closed = False
         self._bar: tqdm | None = None
         self._bar_step = start_step
+        self._start_step = start_step
         self._wandb_run: Any = None
         self._tb_writer: Any = None
         if not self.active:
@@ -156,7 +158,9 @@ class MetricLogger:
         wandb_dir = self.run_dir / "wandb"
         wandb_dir.mkdir(exist_ok=True)
         id_file = wandb_dir / "run_id"
-        if id_file.exists():
+        # A resumed run (start_step > 0) continues its W&B run; a run that starts over in this directory is a
+        # new W&B run, not more steps 1..N appended to (and dropped by) the old one.
+        if id_file.exists() and self._start_step > 0:
             run_id = id_file.read_text().strip()
         else:
             run_id = secrets.token_hex(4)

@@ -38,6 +38,7 @@ import torch
 from treadle.models.ops import IGNORE_INDEX
 from treadle.train.batch import Batch
 from treadle.train.corpus import _key, list_document_files
+from treadle.train.errors import UserError
 from treadle.train.tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str):
-        raise ValueError(
+        raise UserError(
             f"data.chat_template: {model_dir} has no chat template (neither tokenizer_config.json's chat_template "
             "nor chat_template.jinja); point data.chat_template at a model directory that has one"
         )
@@ -102,20 +103,20 @@ class ChatRenderer:
 def _check_messages(record: Any, field: str, where: str) -> list[dict[str, Any]]:
     if not isinstance(record, dict) or field not in record:
         found = ", ".join(map(repr, list(record)[:10])) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: no field {field!r} (found: {found}); set data.messages_field to the field "
+        raise UserError(f"{where}: no field {field!r} (found: {found}); set data.messages_field to the field "
                          "holding the list of chat messages")  # fmt: skip
     messages = record[field]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: field {field!r} must be a non-empty list of messages")
+        raise UserError(f"{where}: field {field!r} must be a non-empty list of messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
+            raise UserError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise ValueError(f"{where}: {field}[{i}].role={message['role']!r} is not one of {ROLES}")
+            raise UserError(f"{where}: {field}[{i}].role={message['role']!r} is not one of {ROLES}")
         if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: {field}[{i}].content must be a string")
+            raise UserError(f"{where}: {field}[{i}].content must be a string")
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: field {field!r} has no assistant message, so nothing would be trained on")
+        raise UserError(f"{where}: field {field!r} has no assistant message, so nothing would be trained on")
     return messages
 
 
@@ -127,7 +128,7 @@ def iter_conversations(files: list[Path], field: str) -> Iterator[tuple[list[dic
 
             table = pq.read_table(path)
             if field not in table.column_names:
-                raise ValueError(f"{path}: no column {field!r} (columns: {table.column_names[:10]}); set "
+                raise UserError(f"{path}: no column {field!r} (columns: {table.column_names[:10]}); set "
                                  "data.messages_field")  # fmt: skip
             for i, messages in enumerate(table.column(field).to_pylist()):
                 yield _check_messages({field: messages}, field, f"{path} row {i}"), f"{path} row {i}"
@@ -146,7 +147,7 @@ def iter_conversations(files: list[Path], field: str) -> Iterator[tuple[list[dic
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise ValueError(f"{where} is not valid JSON ({e})") from None
+                    raise UserError(f"{where} is not valid JSON ({e})") from None
                 yield _check_messages(record, field, where), where
 
 
@@ -160,7 +161,7 @@ def assistant_spans(renderer: ChatRenderer, messages: list[dict[str, Any]], wher
         before = renderer.render(messages[:i], add_generation_prompt=True)
         through = renderer.render(messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise ValueError(
+            raise UserError(
                 f"{where}: the chat template does not render this conversation turn by turn (rendering turns "
                 f"0..{i} is not a prefix of the whole conversation), so assistant tokens cannot be located; "
                 "use data.chat_template with a template that keeps earlier turns unchanged"
@@ -201,12 +202,12 @@ def ensure_sft_tokens(path: str | Path, *, field: str, cache_dir: str | Path, to
     for messages, where in iter_conversations(files, field):
         ids, trained = tokenize_conversation(tokenizer, renderer, messages, where)
         if ids.size and ids.max() >= tokenizer.vocab_size:
-            raise ValueError(f"{where}: token id {ids.max()} outside the tokenizer's vocabulary")
+            raise UserError(f"{where}: token id {ids.max()} outside the tokenizer's vocabulary")
         ids_parts.append(ids)
         mask_parts.append(trained)
         lengths.append(len(ids))
     if not lengths:
-        raise ValueError(f"data.path={path}: no conversations found")
+        raise UserError(f"data.path={path}: no conversations found")
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     dtype = np.uint32 if tokenizer.vocab_size > 2**16 else np.uint16

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from treadle.train.errors import UserError
+
 BYTE_TOKENIZER = "byte"
 
 # Tried in order when `data.eos_id` is not given and tokenizer_config.json does not name one. `<|end_of_text|>`
@@ -78,7 +80,7 @@ class HFTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"data.tokenizer: {path} does not exist; set data.tokenizer to 'byte' or to the path of a "
                 "Hugging Face tokenizer.json (or the directory holding it)"
             )
@@ -93,9 +95,7 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as e:  # the Rust side raises a bare Exception for a malformed file
-            raise ValueError(
-                f"data.tokenizer: {path} is not a valid Hugging Face tokenizer.json ({e})"
-            ) from e
+            raise UserError(f"data.tokenizer: {path} is not a valid Hugging Face tokenizer.json ({e})") from e
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos(eos_id)
         self.bos_id = None
@@ -104,7 +104,7 @@ class HFTokenizer:
     def _find_eos(self, eos_id: int | None) -> int:
         if eos_id is not None:
             if not 0 <= eos_id < self.vocab_size:
-                raise ValueError(
+                raise UserError(
                     f"data.eos_id={eos_id} is outside the vocabulary of {self.path} (size {self.vocab_size})"
                 )
             return eos_id
@@ -112,7 +112,7 @@ class HFTokenizer:
             found = self._tok.token_to_id(name)
             if found is not None:
                 return found
-        raise ValueError(
+        raise UserError(
             f"data.tokenizer: found no end-of-text token in {self.path} (tried {', '.join(EOS_TOKEN_NAMES)}); "
             "set data.eos_id to the id that separates documents"
         )
@@ -151,7 +151,7 @@ def load_tokenizer(spec: str, *, eos_id: int | None = None) -> Tokenizer:
     """`spec` is `data.tokenizer`: "byte" or a path to a tokenizer.json; `eos_id` overrides a file's EOS."""
     if spec == BYTE_TOKENIZER:
         if eos_id is not None and eos_id != ByteTokenizer.eos_id:
-            raise ValueError(
+            raise UserError(
                 f"data.eos_id={eos_id} conflicts with the byte tokenizer, whose EOS is always "
                 f"{ByteTokenizer.eos_id}; leave data.eos_id unset"
             )

@@ -24,6 +24,7 @@ from treadle.train import preemption
 from treadle.train.checkpoint import CheckpointManager
 from treadle.train.config import TrainerConfig
 from treadle.train.data import Batch, StepLoader, eval_batches
+from treadle.train.errors import UserError
 from treadle.train.loggers import MetricLogger
 from treadle.train.metrics import Throughput, memory_stats, peak_flops
 
@@ -121,7 +122,7 @@ class Trainer:
             f"skipped ({self.consecutive_skips} in a row)"
         )
         if self.cfg.nan_policy == "abort" or self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            raise RuntimeError(
+            raise UserError(
                 f"{detail}; stopping (trainer.nan_policy={self.cfg.nan_policy}, trainer.max_consecutive_skips="
                 f"{self.cfg.max_consecutive_skips}). Fix: lower optim.lr, raise optim.schedule.warmup_steps, "
                 f"check the data, or resume from an earlier checkpoint with checkpoint.resume=<step dir>"
@@ -130,8 +131,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first `eval_batches` micro-batches per rank of the held-out split; empty
-        when there is no held-out split (`data.val_fraction=0`)."""
+        """Mean loss over the first `eval_batches` × micro-batch held-out samples, the same on every layout
+        (`train.data.eval_batches`); empty when there is no held-out split (`data.val_fraction=0`)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in eval_batches(
@@ -152,6 +153,14 @@ class Trainer:
 
     def fit(self) -> list[float]:
         """Train from `self.step` to `cfg.max_steps`; returns this call's per-step losses."""
+        if self.step >= self.cfg.max_steps:
+            self.metric_logger.message(
+                f"already complete at step {self.step}; nothing to train — raise trainer.max_steps or use a "
+                "new run.name"
+            )
+            self.checkpointer.close()
+            self.metric_logger.close()
+            return []
         losses = []
         # Tokens are counted globally per step, so the rate needs no further scaling (world_tokens_factor=1).
         throughput = Throughput(

@@ -1,5 +1,6 @@
 """Every recipe composes and builds on the meta device; bad input fails at start with the key and the fix."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +104,21 @@ def test_command_line_overrides_win_over_the_recipe():
     assert cfg.model.dim == 128
 
 
-def test_unknown_key_names_the_key():
-    with pytest.raises(ConfigCompositionException) as err:
-        load_config(["trainer.max_stepz=3"])
-    assert "max_stepz" in str(err.value.__cause__ or err.value)
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_unknown_key_names_the_nearest_keys(prefix):
+    """However it is spelled, a typo fails and names the nearest keys (Hydra alone accepts `+key` and suggests
+    `+` for `key`)."""
+    with pytest.raises(
+        ValueError, match=r"trainer\.max_stepz .*is not a config key; did you mean trainer\.max_steps\?"
+    ):
+        load_config([f"{prefix}trainer.max_stepz=3"])
+    with pytest.raises(ValueError, match=r"did you mean model\.dim\?"):
+        load_config([f"{prefix}modle.dim=3"])
+
+
+def test_known_keys_and_open_dicts_pass_the_key_check():
+    cfg = load_config(["+config=debug/tiny", "model=tiny", "+parallel.deepspeed.overrides.foo=1"])
+    assert cfg.parallel.deepspeed.overrides == {"foo": 1}
 
 
 def test_wrong_type_names_the_key():
@@ -154,6 +166,33 @@ def test_unknown_kernel_is_refused():
         validate(cfg, world_size=1)
 
 
+@pytest.mark.parametrize("lr", ["0.0", "-0.001", "nan"])
+def test_non_positive_learning_rate_is_refused(lr):
+    cfg = load_config([f"optim.lr={lr}"])
+    with pytest.raises(ValueError, match=f"optim.lr={lr}.* must be a positive number"):
+        validate(cfg, world_size=1)
+
+
+def test_run_and_checkpoint_dirs_are_checked_before_any_work(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cfg = load_config([f"run.dir={tmp_path}/run", f"checkpoint.dir={a_file}"])
+    with pytest.raises(ValueError, match=r"checkpoint.dir=.*file is a file, not a directory"):
+        validate(cfg, world_size=1)
+    cfg = load_config([f"run.dir={a_file}/run"])
+    with pytest.raises(ValueError, match=r"run.dir=.*file is a file, not a directory"):
+        validate(cfg, world_size=1)
+    # A read-only directory: simulated, since this test may run as root (who may write anywhere).
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    cfg = load_config([f"run.dir={read_only}/run"])
+    with pytest.raises(ValueError, match=r"run.dir=.*read_only is not writable by this user; fix:"):
+        validate(cfg, world_size=1)
+    validate(load_config([f"run.dir={tmp_path}/run"]), world_size=1)
+
+
 def _launch(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), f"run.dir={tmp_path}/run", *overrides],
@@ -169,8 +208,12 @@ def test_launcher_reports_config_errors_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "config error: trainer.global_batch_size=12" in result.stderr
     assert "Traceback" not in result.stderr
-    result = _launch("trainer.max_stepz=3", tmp_path=tmp_path)
-    assert result.returncode != 0 and "max_stepz" in result.stderr and "Traceback" not in result.stderr
+    result = _launch("+trainer.max_stepz=3", tmp_path=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        "config error: trainer.max_stepz" in result.stderr
+        and "did you mean trainer.max_steps?" in result.stderr
+    )
 
 
 def test_launcher_reports_a_missing_data_path(tmp_path):

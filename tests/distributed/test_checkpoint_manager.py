@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from treadle.train.checkpoint import CheckpointConfig, CheckpointManager
+from treadle.train.errors import UserError
 
 # ---- the pieces a trainer would pass as app state ----
 
@@ -283,6 +284,7 @@ def test_resolve_resume(tmp_path: Path) -> None:
         ) as error:
             resolve(str(path))
         assert "; fix: " in str(error.value)
+        assert isinstance(error.value, UserError)  # printed without a traceback by launch/train.py
 
 
 def test_maybe_save_schedule(tmp_path: Path) -> None:
@@ -311,3 +313,37 @@ def test_config_errors(tmp_path: Path) -> None:
     for kwargs, key in [({"every": -1}, "checkpoint.every"), ({"keep_last": -2}, "checkpoint.keep_last")]:
         with pytest.raises(ValueError, match=f"{key}=.*fix:"):
             CheckpointManager(CheckpointConfig(dir=str(tmp_path), **kwargs), rank=0, world_size=1)
+
+
+def test_auto_resume_logs_skipped_dirs_and_falls_back_past_a_corrupt_checkpoint(
+    tmp_path: Path, caplog
+) -> None:
+    """resume=auto names every directory it passes over, and a newest complete checkpoint that does not load
+    gives way to the previous one with a warning naming both; strict_resume keeps the refusal. One process,
+    no process group (DCP's local mode)."""
+    model = nn.Linear(3, 2)
+    counter = _Counter()
+    app_state = {"model": model, "trainer": counter}
+    saver = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1)
+    for step in (1, 2):
+        counter.value = step
+        saver.save(step, app_state)
+    _truncate(tmp_path / "step_00000002" / "__0_0.distcp")
+    _fake_checkpoint(tmp_path / "step_00000003", marker=False)
+    (tmp_path / ".tmp_step_00000004").mkdir()
+
+    manager = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="treadle.train.checkpoint"):
+        path = manager.resolve_resume()
+        assert path == tmp_path / "step_00000002"
+        counter.value = 0
+        assert manager.load(path, app_state) == 1
+    assert counter.value == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("skips" in m and "step_00000003" in m and "no treadle.json" in m for m in messages)
+    assert any("skips" in m and ".tmp_step_00000004" in m for m in messages)
+    assert any("step_00000002 does not load" in m and "step_00000001" in m for m in messages)
+
+    strict = CheckpointConfig(dir=str(tmp_path), strict_resume=True)
+    with pytest.raises(ValueError, match="step_00000002 is corrupt"):
+        CheckpointManager(strict, rank=0, world_size=1).load(path, app_state)

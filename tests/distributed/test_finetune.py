@@ -117,5 +117,12 @@ def test_resuming_adapters_on_another_base_is_refused(assets, tmp_path):
     run_distributed(_train, 1, overrides(assets, "other", "trainer.max_steps=2", "checkpoint.every=2"))
     other = tmp_path / "other_base"
     shutil.copytree(assets / "model", other)
-    with pytest.raises(Exception, match="holds adapters for base model"):
+    # resume=auto compares the run dir's config.yaml first (train/run_dir.py); an explicit step dir is
+    # checked against the base the checkpoint's marker names.
+    with pytest.raises(Exception, match=r"holds checkpoints of another config .*model\.pretrained"):
         run_distributed(_train, 1, overrides(assets, "other", f"model.pretrained={other}"))
+    step = assets / "other" / "ckpt" / "step_00000002"
+    with pytest.raises(Exception, match="holds adapters for base model"):
+        run_distributed(
+            _train, 1, overrides(assets, "other", f"model.pretrained={other}", f"checkpoint.resume={step}")
+        )

@@ -21,6 +21,7 @@ from _spawn import run_distributed
 
 from treadle.train.build import build_trainer
 from treadle.train.config import load_config, validate
+from treadle.train.errors import UserError
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -177,7 +178,7 @@ def test_corrupt_checkpoint_is_refused_with_its_path(cache, tmp_path):
 def _train_expecting_runtime_error(rank: int, world_size: int, overrides: list[str]) -> str:
     try:
         _train(rank, world_size, overrides)
-    except RuntimeError as err:
+    except UserError as err:
         return str(err)
     return "no error"
 

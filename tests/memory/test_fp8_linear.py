@@ -16,7 +16,7 @@ import torch.nn as nn
 from fp8_fixtures import BLOCK_LINEARS, CFG, CPU, rel_error
 from lm_helpers import lm_loss
 
-from treadle.kernels.fp8_cast import fp8_linear_reference
+from treadle.kernels.fp8_linear import fp8_linear_reference
 from treadle.models.llama import Llama
 from treadle.parallel.fp8 import Float8Config, Float8Linear, convert_to_float8
 

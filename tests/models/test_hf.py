@@ -80,3 +80,17 @@ def test_mismatched_shape_names_the_tensor_and_file(tmp_path):
 def test_missing_directory_says_what_to_point_at(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         model_config_from_hf(ModelConfig(pretrained=str(tmp_path / "nothing")))
+
+
+def test_truncated_safetensors_file_is_named(tmp_path):
+    import os
+
+    model_dir = make_hf_model("llama", tmp_path / "hf")
+    weights = model_dir / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    cfg = model_config_from_hf(ModelConfig(pretrained=str(model_dir)))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.to_empty(device="cpu")
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file.*re-download"):
+        load_hf_weights(model, model_dir)

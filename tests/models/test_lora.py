@@ -127,3 +127,32 @@ def test_qlora_model_stores_the_base_in_nf4_and_exports_it_dequantized(tmp_path)
 def test_bad_targets_are_refused():
     with pytest.raises(ValueError, match=r"peft.target_modules: \['qproj'\]"):
         PeftConfig(method="lora", target_modules=["qproj"]).validate()
+
+
+def test_exports_are_world_readable_name_an_absolute_base_and_carry_the_eos(tmp_path, monkeypatch):
+    """safetensors writes 0600; PEFT resolves a relative base against the reader's directory; generation
+    stops at the base's eos_token_id only if the export carries it (config.json, generation_config.json)."""
+    import json
+    import os
+    import stat
+
+    model_dir = make_hf_model("llama", tmp_path / "hf")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": 7, "bos_token_id": 5}))
+    (model_dir / "generation_config.json").unlink(missing_ok=True)
+    model, cfg = adapted_model(model_dir, PeftConfig(method="lora", rank=2))
+    monkeypatch.chdir(tmp_path)
+    adapter = export_peft(
+        model, cfg, PeftConfig(method="lora", rank=2), tmp_path / "adapter", base_model="hf"
+    )
+    merged = export_hf(model, cfg, tmp_path / "merged", dtype=torch.float32)
+
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(model_dir.resolve())
+    assert json.loads((merged / "config.json").read_text())["eos_token_id"] == 7
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 7
+    umask = os.umask(0)
+    os.umask(umask)
+    expected_mode = 0o666 & ~umask  # 0644 under the usual umask 022
+    for path in [*adapter.iterdir(), *merged.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == expected_mode, path

@@ -197,12 +197,37 @@ def test_token_file_splits_are_disjoint(tmp_path: Path) -> None:
     assert len(no_val) == 0 and list(eval_batches(no_val, 2, 0, 1)) == []
 
 
+def _counted_rows(batches: list[Batch]) -> list[int]:
+    return [
+        int(b.tokens[i, 0]) // 4 for b in batches for i in range(len(b.tokens)) if (b.labels[i] != -100).any()
+    ]
+
+
 def test_eval_batches_start_from_the_beginning_and_shard_by_rank() -> None:
     ds = arange_dataset(10)
-    per_rank = [rows(list(eval_batches(ds, 2, r, 2, num_batches=3))) for r in range(2)]
-    assert per_rank == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 0, 1]]
-    assert rows(list(eval_batches(ds, 2, 0, 2, num_batches=3))) == per_rank[0]
-    assert len(list(eval_batches(ds, 2, 1, 2))) == 2
+    per_rank = [list(eval_batches(ds, 2, r, 2, num_batches=3)) for r in range(2)]
+    assert [rows(b) for b in per_rank] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [_counted_rows(b) for b in per_rank] == [[0, 1, 4, 5], [2, 3]]  # 6 samples; 6, 7 are padding
+    assert rows(list(eval_batches(ds, 2, 0, 2, num_batches=3))) == rows(per_rank[0])
+    assert len(list(eval_batches(ds, 2, 1, 2))) == 3  # the whole split: 10 samples over 2 ranks × 2 rows
+
+
+def test_eval_batches_evaluate_the_same_samples_on_every_layout() -> None:
+    """The held-out loss must not depend on the number of processes: the counted samples are the first
+    num_batches × micro_batch_size of the split whatever dp_size, each once; every rank yields as many batches."""
+    ds = arange_dataset(10)
+    for num_batches, expected in (
+        (3, list(range(6))),
+        (None, list(range(10))),
+        (7, [*range(10), 0, 1, 2, 3]),
+    ):
+        for dp_size in (1, 2, 3, 4):
+            per_rank = [list(eval_batches(ds, 2, r, dp_size, num_batches)) for r in range(dp_size)]
+            assert len({len(b) for b in per_rank}) == 1
+            assert sorted(r for b in per_rank for r in _counted_rows(b)) == sorted(expected), (
+                num_batches,
+                dp_size,
+            )
 
 
 def test_token_file_without_sidecar(tmp_path: Path) -> None:
@@ -216,6 +241,31 @@ def test_token_file_without_sidecar(tmp_path: Path) -> None:
     assert batch.positions.tolist() == [[0, 1, 2, 3]]
     assert batch.labels.tolist() == [[6, 7, 99, IGNORE_INDEX]]
     assert train.get_batch([1]).positions.tolist() == [[0, 1, 2, 3]]
+
+
+def test_token_ids_past_the_vocabulary_are_refused_at_load(tmp_path: Path, monkeypatch) -> None:
+    """A file whose ids reach model.vocab_size fails at load naming the file, the id and the key (not with an
+    IndexError in the embedding at step 1); the max id is scanned once and cached in data.cache_dir."""
+    path = tmp_path / "raw.bin"
+    np.array([5, 6, 300, 99, 8, 9, 10, 99, 11], dtype="<u2").tofile(path)
+    cfg = DataConfig(
+        source="tokens",
+        path=str(path),
+        token_dtype="uint16",
+        eos_id=99,
+        seq_len=4,
+        val_fraction=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(
+        ValueError, match=r"raw\.bin holds token id 300, past model\.vocab_size=256.*at least 301"
+    ):
+        build_datasets(cfg, vocab_size=256)
+    monkeypatch.setattr(np, "memmap", None)  # a second scan would fail with a TypeError
+    with pytest.raises(ValueError, match="token id 300"):
+        build_datasets(cfg, vocab_size=256)
+    monkeypatch.undo()
+    build_datasets(cfg, vocab_size=301)
 
 
 # ---- bad input ----
@@ -234,6 +284,12 @@ def test_bad_config_errors(tmp_path: Path) -> None:
         prepare_data(DataConfig(source="hf", path=str(tmp_path / "nowhere"), cache_dir=str(tmp_path)))
     with pytest.raises(ValueError, match=r"data\.val_fraction"):
         build_datasets(DataConfig(val_fraction=1.0), vocab_size=258)
+
+
+def test_data_path_without_a_source_that_reads_it_is_refused(tmp_path: Path) -> None:
+    """`data.path=...` alone would silently train on the embedded corpus (data.source defaults to stdlib)."""
+    with pytest.raises(ValueError, match=r"data\.path=.*data\.source=stdlib .* fix: add data=tokens"):
+        prepare_data(DataConfig(path=str(tmp_path / "corpus.bin")))
 
 
 def test_bad_token_file_errors(tmp_path: Path) -> None:

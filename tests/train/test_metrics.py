@@ -260,3 +260,38 @@ def test_wandb_offline_run_resumes_under_run_dir(tmp_path: Path) -> None:
     # Offline run folders are named by the second they started, so the two may share one.
     runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert runs and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+
+
+def test_missing_tensorboard_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In `validate`, before the data and the model are built, not when the logger opens."""
+    from treadle.train.config import load_config, validate
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ValueError, match=r"logging.tensorboard=true needs .*pip install tensorboard"):
+        validate(load_config(["logging.tensorboard=true"]), world_size=1)
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed")
+def test_wandb_run_id_continues_on_resume_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A resumed run (start_step > 0) continues the run dir's W&B run; a fresh start there opens a new one."""
+    import types
+
+    import wandb
+
+    ids: list[str] = []
+
+    def fake_init(**kwargs):
+        ids.append(kwargs["id"])
+        return types.SimpleNamespace(finish=lambda **_: None)
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    cfg = LoggingConfig(wandb=WandbConfig(mode="offline"))
+    for start_step in (0, 5, 0):
+        _logger(cfg, tmp_path, start_step=start_step).close()
+    assert ids[1] == ids[0] and ids[2] != ids[0]
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == ids[2]
