@@ -103,10 +103,6 @@ def register_model(spec: ModelSpec) -> None:
     _MODELS[spec.name] = spec
 
 
-def builtin_families() -> tuple[str, ...]:
-    return tuple(_BUILTIN)
-
-
 def load_builtin_families() -> list[ModelSpec]:
     """Import every built-in family (registering its spec); returns every registered spec."""
     for module in _BUILTIN.values():
