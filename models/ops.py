@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from treadle.kernels.moe_reference import moe_experts_loop, moe_experts_torch
 from treadle.kernels.reference import rmsnorm_torch, rope_torch, swiglu_torch
 
 IGNORE_INDEX = -100
@@ -30,6 +31,9 @@ class KernelsConfig:
     rope: str = "torch"
     swiglu: str = "torch"
     loss: str = "torch"
+    moe: str = (
+        "torch"  # routed experts (MoE families): torch = grouped GEMMs, loop = the per-expert reference
+    )
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Ops:
     swiglu: Callable[..., torch.Tensor]
     # Not called by the model (it returns hidden states): the loss component (models/loss.py) applies it.
     loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # Routed experts over rows sorted by expert (kernels/moe_reference.py has the signature).
+    moe: Callable[..., torch.Tensor]
 
 
 def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -132,6 +138,7 @@ _REGISTRY: dict[str, dict[str, Callable | str]] = {
         "torch": linear_cross_entropy_torch,
         "triton": "treadle.kernels.linear_cross_entropy:linear_cross_entropy_op",
     },
+    "moe": {"torch": moe_experts_torch, "loop": moe_experts_loop},
 }
 
 

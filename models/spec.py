@@ -12,7 +12,11 @@ What a family's module (each model part) offers the generic code:
 - `ops`: the op table (`models.ops.Ops`) every block calls, so a plan can swap an op for the whole model;
 - `init_weights(seed)`: fills every parameter from the per-name streams of `models.init`, after `to_empty`;
 - `output_weight`: the [V, E] output projection the loss multiplies by (the last part only);
-- optionally `weight_std(name)`: the init std of a weight by name, for bases created quantized (QLoRA).
+- optionally `weight_std(name)`: the init std of a weight by name, for bases created quantized (QLoRA);
+- optionally `pop_auxiliary_loss()`: after a training forward, an auxiliary loss (a per-token mean, e.g. MoE
+  load balancing) that the engine adds to the LM loss, weighted by the micro-batch's counted tokens;
+- optionally `compile_fullgraph`: False when a block cannot trace as one graph (MoE layers that read row counts
+  on the host).
 
 TP and EP plans are data: FQN patterns (`*` matches one name component, e.g. `layers.*.mlp.down_proj`) mapped to
 the style names that `parallel/tp.py` (and the expert-parallel applier) understand; see `TP_STYLES`.
@@ -73,11 +77,15 @@ class ModelSpec:
     # (model config, dims, seq_len=, cp_variant=) -> None; raises ValueError naming the key and the fix
     validate: Callable[..., None]
     tp_plan: dict[str, str] = field(default_factory=dict)  # FQN pattern -> TP style (TP_STYLES)
-    ep_plan: dict[str, str] = field(default_factory=dict)  # FQN pattern -> EP style (none yet)
+    ep_plan: dict[str, str] = field(
+        default_factory=dict
+    )  # FQN pattern -> EP style (parallel/ep.py: moe, experts)
     # (model config, num_stages) -> per stage, the FQNs of the modules that stage keeps
     pipeline_split: Callable[[Any, int], list[list[str]]] | None = None
     hf_adapter: HFAdapter | None = None
-    post_step: tuple[Callable[[list[nn.Module]], None], ...] = ()  # run after each optimizer step
+    # Run after each optimizer step (not after a skipped one); each may return metrics to log (device tensors,
+    # read only on logged steps), e.g. MoE expert load.
+    post_step: tuple[Callable[[list[nn.Module]], dict[str, Any] | None], ...] = ()
 
     def linear_names(self) -> tuple[str, ...]:
         """Names (last FQN component) of the blocks' linear layers: the TP plan's column/row-parallel entries,
@@ -91,7 +99,7 @@ class ModelSpec:
 
 
 # Built-in families, imported when first asked for (a run imports only the family it trains).
-_BUILTIN = {"llama": "treadle.models.llama"}
+_BUILTIN = {"llama": "treadle.models.llama", "moe": "treadle.models.moe"}
 _MODELS: dict[str, ModelSpec] = {}
 
 

@@ -32,7 +32,6 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,15 @@ from treadle.models.spec import ModelSpec
 from treadle.optim.builder import build_optimizer, param_groups
 from treadle.optim.config import OptimConfig
 from treadle.parallel.deepspeed_config import build_ds_config
-from treadle.parallel.engine import EngineSetup, MicroBatch, StepStats, WeightLoader, build_loss
+from treadle.parallel.engine import (
+    EngineSetup,
+    MicroBatch,
+    PostStepHook,
+    StepStats,
+    WeightLoader,
+    build_loss,
+    run_post_step,
+)
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -158,7 +165,7 @@ class DeepSpeedEngine:
         self.ds: Any = None  # deepspeed.DeepSpeedEngine, after prepare()
         self.model_parts: list[nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        self.post_step: tuple[Callable[[list[nn.Module]], None], ...] = ()
+        self.post_step: tuple[PostStepHook, ...] = ()
 
     def ds_config(self, optim_cfg: OptimConfig) -> dict[str, Any]:
         return build_ds_config(
@@ -189,6 +196,11 @@ class DeepSpeedEngine:
         materialised on the host; DeepSpeed then moves them to the device in `param_dtype` and partitions
         them, so the model must fit the device once in that dtype during initialisation.
         """
+        if spec.ep_plan:
+            raise ValueError(
+                f"parallel.engine=deepspeed does not train model.name={spec.name} (a Mixture-of-Experts family: "
+                "its auxiliary loss and expert parallelism are the native engine's); fix: parallel.engine=native"
+            )
         deepspeed = import_deepspeed(self.device)
         ds_cfg = self.cfg.deepspeed
         if self.cfg.compile:
@@ -253,10 +265,8 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         applied = self.ds.was_step_applied()
-        if applied:
-            for hook in self.post_step:
-                hook(self.model_parts)
-        return StepStats(grad_norm=grad_norm, skipped=not applied)
+        metrics = run_post_step(self.post_step, self.model_parts) if applied else {}
+        return StepStats(grad_norm=grad_norm, skipped=not applied, metrics=metrics)
 
     # DCP holds only what identifies the DeepSpeed files; they are written and read by save/load_files.
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ communication-heavy axis, gets the closest ranks). Derived meshes are flattened 
 - `dp_cp`       = dp_replicate × dp_shard × cp  ranks over which the loss and token counts are reduced
 
 Experts see the same ranks as a second view, `pp × dp_replicate × efsdp × ep` with efsdp = dp_shard·cp·tp / ep:
-experts are sharded over `ep` and their parameters FSDP-sharded over `efsdp` (built when first asked for).
+experts are sharded over `ep` and their parameters FSDP-sharded over `efsdp` (built when first asked for); its
+flattened `experts_stage` = dp_replicate × efsdp × ep is every rank of one pipeline stage (MoE load counts are
+summed over it).
 
 Meshes are looked up by axis names: `dims.mesh()` is the whole world, `dims.mesh("tp")` one axis,
 `dims.mesh("dp_replicate", "dp_shard")` a slice, `dims.mesh("dp_cp")` a flattened view.
@@ -30,7 +32,7 @@ FLAT = {
 }
 EXPERT_AXES = ("pp", "dp_replicate", "efsdp", "ep")
 # Degrees accepted by the checks but whose parallelism is not built yet: anything above 1 is refused.
-NOT_YET = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
+NOT_YET = {"pp": "pipeline parallelism"}
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ParallelDims:
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
     _expert_mesh: DeviceMesh | None = field(default=None, repr=False)
+    _expert_stage: DeviceMesh | None = field(default=None, repr=False)
     _device_type: str = field(default="cpu", repr=False)
 
     @classmethod
@@ -132,6 +135,10 @@ class ParallelDims:
         assert self._mesh is not None, "build_mesh() has not been called"
         if not names:
             return self._mesh
+        if names == ("experts_stage",):
+            self._experts()
+            assert self._expert_stage is not None
+            return self._expert_stage
         if set(names) & {"efsdp", "ep"}:
             return self._experts()[names]
         if len(names) == 1 and names[0] in self._flat:
@@ -145,6 +152,7 @@ class ParallelDims:
         if self._expert_mesh is None:
             shape = (self.pp, self.dp_replicate, self.efsdp, self.ep)
             self._expert_mesh = init_device_mesh(self._device_type, shape, mesh_dim_names=EXPERT_AXES)
+            self._expert_stage = self._expert_mesh[EXPERT_AXES[1:]]._flatten("experts_stage")
         return self._expert_mesh
 
     def fsdp_mesh(self) -> DeviceMesh:
@@ -154,6 +162,10 @@ class ParallelDims:
                 return self.mesh("dp_replicate", "dp_shard")
             return self.mesh("dp_replicate", "dp_shard_cp")
         return self.mesh("dp_shard_cp")
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """What expert weights are FSDP-sharded over: `efsdp`, 2-D (dp_replicate, efsdp) with HSDP."""
+        return self.mesh("dp_replicate", "efsdp") if self.dp_replicate > 1 else self.mesh("efsdp")
 
     def dp_rank(self) -> int:
         return self.mesh("dp").get_local_rank()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -30,6 +30,7 @@ from treadle.optim.config import OptimConfig
 from treadle.parallel.config import ParallelConfig
 from treadle.parallel.cp import apply_cp, shard_sequences
 from treadle.parallel.dims import ParallelDims
+from treadle.parallel.ep import apply_ep
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
@@ -49,6 +50,27 @@ class MicroBatch(Protocol):
 class StepStats:
     grad_norm: float
     skipped: bool
+    # What the spec's post-step hooks report (e.g. MoE expert load), as device tensors: read when logged.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+PostStepHook = Callable[[list[nn.Module]], "dict[str, torch.Tensor] | None"]
+
+
+def run_post_step(hooks: tuple[PostStepHook, ...], model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    metrics: dict[str, torch.Tensor] = {}
+    for hook in hooks:
+        metrics.update(hook(model_parts) or {})
+    return metrics
+
+
+def add_auxiliary_loss(part: nn.Module, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The summed LM loss plus the model's auxiliary loss of the forward just run (`pop_auxiliary_loss`, a
+    per-token mean: MoE balancing), weighted by the micro-batch's counted tokens so that it is normalised with
+    the LM loss by the global token count."""
+    pop = getattr(part, "pop_auxiliary_loss", None)
+    aux = pop() if pop is not None else None
+    return loss_sum if aux is None else loss_sum + aux.to(loss_sum.dtype) * count
 
 
 # Fills a materialised model's parameters (e.g. from Hugging Face weights) after the default initialisation.
@@ -124,7 +146,7 @@ class NativeEngine:
         self.model_parts: list[nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss = build_loss(setup, compile_loss=setup.parallel.compile)
-        self.post_step: tuple[Callable[[list[nn.Module]], None], ...] = ()
+        self.post_step: tuple[PostStepHook, ...] = ()
         self.clip_grad_norm = 0.0
         self.has_frozen = False
         # Runs on the model whenever its weights change (torchao FP8 all-gather's scales; parallel/fp8.py).
@@ -151,15 +173,30 @@ class NativeEngine:
                 enable_comm_reordering(batch_chunks=self.cfg.tp_batch_overlap)
         if self.dims.cp > 1:
             apply_cp(model, self.dims.mesh("cp"), self.cfg.cp_variant)
+        expert_units = apply_ep(model, self.dims, spec.ep_plan, sequence_parallel=self.cfg.sequence_parallel)
         apply_activation_checkpointing(model.layers, self.memory_cfg)
         if self.cfg.compile:
             # Ring attention's point-to-point sends break the graph, and so does activation compression's
-            # eager attention (memory/activations.py): blocks are then more than one graph.
-            one_graph = self.dims.cp == 1 and self.memory_cfg.activation_compression == "none"
+            # eager attention (memory/activations.py): blocks are then more than one graph. So do MoE layers
+            # whose row counts reach the host (expert parallelism, capacity drops; `compile_fullgraph`).
+            one_graph = (
+                self.dims.cp == 1
+                and self.memory_cfg.activation_compression == "none"
+                and getattr(model, "compile_fullgraph", True)
+            )
             apply_compile(model, fullgraph=one_graph)
         self.activation_hooks = apply_activation_memory(model, self.memory_cfg, self.device)
         cpu_offload = self.memory_cfg.param_offload == "cpu"
-        apply_fsdp(model, self.dims.fsdp_mesh(), self.cfg, self.device, cpu_offload=cpu_offload)
+        apply_fsdp(
+            model,
+            self.dims.fsdp_mesh(),
+            self.cfg,
+            self.device,
+            cpu_offload=cpu_offload,
+            expert_units=expert_units,
+            expert_mesh=self.dims.expert_fsdp_mesh() if expert_units else None,
+            expert_grad_divide=self.dims.dp_size * self.dims.cp,
+        )
         # Offloaded parameters are materialised in host memory, where FSDP2 keeps them; buffers (RoPE
         # frequencies) are used by the computation and go to the device.
         model.to_empty(device="cpu" if cpu_offload else self.device)
@@ -193,6 +230,11 @@ class NativeEngine:
         hidden = part(tokens, positions_BS=positions, doc_ids_BS=doc_ids)
         return self.loss(part, hidden, labels)
 
+    def forward_objective(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what backward differentiates: the summed loss plus any auxiliary loss, the summed LM loss)."""
+        loss_sum, count = self.forward_loss(batch)
+        return add_auxiliary_loss(self.model_parts[0], loss_sum, count), loss_sum
+
     def forward_backward(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
         """Forward and backward of each micro-batch in turn (gradients accumulate in place).
 
@@ -208,8 +250,8 @@ class NativeEngine:
         for i, batch in enumerate(batches):
             if defer_sync:
                 part.set_requires_gradient_sync(i == len(batches) - 1)
-            micro_loss, _ = self.forward_loss(batch)
-            (micro_loss * loss_scale.to(micro_loss.dtype)).backward()
+            objective, micro_loss = self.forward_objective(batch)
+            (objective * loss_scale.to(objective.dtype)).backward()
             loss_sum += micro_loss.detach().double()
         return loss_sum
 
@@ -228,15 +270,15 @@ class NativeEngine:
         params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm_(params, self.clip_grad_norm).item()
         skipped = not math.isfinite(grad_norm)
+        metrics = {}
         if not skipped:
             self.optimizer.step()
             if self.refresh_weight_state is not None:
                 for part in self.model_parts:
                     self.refresh_weight_state(part)
-            for hook in self.post_step:
-                hook(self.model_parts)
+            metrics = run_post_step(self.post_step, self.model_parts)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=grad_norm, skipped=skipped)
+        return StepStats(grad_norm=grad_norm, skipped=skipped, metrics=metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it."""

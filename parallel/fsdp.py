@@ -49,7 +49,13 @@ def apply_fsdp(
     device: torch.device,
     *,
     cpu_offload: bool = False,
+    expert_units: list[nn.Module] = (),
+    expert_mesh: DeviceMesh | None = None,
+    expert_grad_divide: float = 1.0,
 ) -> None:
+    """Shard `model` (see the module docstring). `expert_units` (parallel/ep.py) are MoE expert weights: each
+    its own unit over `expert_mesh` (efsdp, with dp_replicate under HSDP), wrapped before its block, with its
+    reduced gradient divided by `expert_grad_divide` (the dp_cp size; parallel/ep.py says why)."""
     param_dtype = resolve_dtype(cfg.param_dtype, device, "parallel.param_dtype")
     mp_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=resolve_dtype(cfg.reduce_dtype, device, "parallel.reduce_dtype")
@@ -66,6 +72,11 @@ def apply_fsdp(
     # the copy would double them; otherwise a trainable parameter's gradient and optimizer state dwarf it.
     has_frozen = any(not p.requires_grad for p in model.parameters())
     reshard = cfg.reshard_after_forward and (mesh.size(mesh.ndim - 1) > 1 or has_frozen)
+    for unit in expert_units:
+        fully_shard(
+            unit, mesh=expert_mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard
+        )
+        unit.set_gradient_divide_factor(expert_grad_divide)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: resharding them is wasted work.

@@ -83,6 +83,8 @@ _SUMMARY: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("mfu", "mfu", lambda x: f"{100 * x:.1f}%"),
     ("memory_max_reserved_gib", "mem", lambda x: f"{x:.1f}GiB"),
     ("memory_max_rss_gib", "mem", lambda x: f"{x:.1f}GiB"),
+    ("moe/max_load", "moe_load", lambda x: f"{x:.2f}"),
+    ("moe/aux_loss", "aux", lambda x: f"{x:.4f}"),
 )
 
 

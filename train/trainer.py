@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ class StepResult:
     lr: float
     num_tokens: int  # tokens processed in the step over all data-parallel ranks (ignored labels included)
     skipped: bool
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the engine's post-step metrics
 
 
 class Trainer:
@@ -109,7 +110,12 @@ class Trainer:
         self.scheduler.step()
         num_tokens = self.train_loader.global_batch_size * batches[0].tokens.shape[1]
         return StepResult(
-            loss=loss, grad_norm=stats.grad_norm, lr=lr, num_tokens=num_tokens, skipped=stats.skipped
+            loss=loss,
+            grad_norm=stats.grad_norm,
+            lr=lr,
+            num_tokens=num_tokens,
+            skipped=stats.skipped,
+            metrics=stats.metrics,
         )
 
     def _handle_non_finite(self, result: StepResult) -> None:
@@ -204,6 +210,7 @@ class Trainer:
                 "grad_norm": result.grad_norm,
                 "lr": result.lr,
                 "skipped": int(result.skipped),
+                **{name: float(value) for name, value in result.metrics.items()},
                 **rates,
                 **memory_stats(self.device),
             },

@@ -147,11 +147,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, *, hidden_dim: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        hidden = hidden_dim or cfg.hidden_dim
+        self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
         self.ops = ops
 
     def forward(self, x_BSE: torch.Tensor) -> torch.Tensor:
@@ -190,14 +191,23 @@ class Llama(nn.Module):
     """Decoder-only transformer. `forward(tokens)` returns the final (normed) hidden states [B, S, E]; the loss
     (`models.loss`) multiplies them by `output_weight`."""
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        kernels: KernelsConfig | None = None,
+        *,
+        block: Callable[[ModelConfig, Ops, int], nn.Module] | None = None,
+    ):
+        """`block(cfg, ops, layer_index)` builds each layer (a family that reuses this decoder, e.g. models/moe,
+        passes its own); Llama's `TransformerBlock` by default."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.ops = build_ops(kernels or KernelsConfig())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        make_block = block or (lambda cfg, ops, _: TransformerBlock(cfg, ops))
         # A ModuleDict keyed by layer index keeps parameter names stable when plans wrap or replace blocks.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, self.ops) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): make_block(cfg, self.ops, i) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)

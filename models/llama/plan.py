@@ -38,6 +38,16 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: ModelConfig, dims: Dims, *, seq_len: int, cp_variant: str) -> None:
     """The model's own fields, then its shapes against the degrees (raises ValueError naming keys and fix)."""
     cfg.validate()
+    validate_shapes(cfg, dims, seq_len=seq_len, cp_variant=cp_variant)
+    _check(
+        dims.ep == 1,
+        f"parallel.ep={dims.ep}: model.name={cfg.name} has no experts; fix: parallel.ep=1",
+    )
+
+
+def validate_shapes(cfg: ModelConfig, dims: Dims, *, seq_len: int, cp_variant: str) -> None:
+    """The decoder's shapes against tp, cp and pp, and the sequence length against the model's limits (shared
+    with families built on this decoder, e.g. models/moe)."""
     _check(
         cfg.num_heads % dims.tp == 0 and cfg.num_kv_heads % dims.tp == 0,
         f"parallel.tp={dims.tp} must divide model.num_heads={cfg.num_heads} and model.num_kv_heads="
@@ -60,10 +70,6 @@ def validate(cfg: ModelConfig, dims: Dims, *, seq_len: int, cp_variant: str) -> 
             f"has {heads} query and {kv_heads} key/value heads; fix: use parallel.cp_variant=ring or a cp "
             f"that divides both",
         )
-    _check(
-        dims.ep == 1,
-        f"parallel.ep={dims.ep}: model.name={cfg.name} has no experts; fix: parallel.ep=1",
-    )
     _check(
         dims.pp <= cfg.num_layers,
         f"parallel.pp={dims.pp} exceeds model.num_layers={cfg.num_layers}: every stage needs a layer; fix: "

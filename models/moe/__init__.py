@@ -1,0 +1,57 @@
+"""The Mixture-of-Experts family (Qwen3-MoE, Mixtral, DeepSeek-V3-style routing with GQA attention): one
+`ModelSpec`, registered on import.
+
+layer.py   router, stacked experts, dispatch, load statistics and the auxiliary-loss-free bias update
+model.py   config dataclass, decoder (Llama attention + MoE feed-forward), active-parameter FLOP count
+plan.py    TP and EP plans (data), pipeline split, shape checks against the parallel degrees
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from treadle.models.init import canonical_name
+from treadle.models.moe.layer import MoE, update_expert_bias
+from treadle.models.moe.model import MoEConfig, MoETransformer, flops_per_token
+from treadle.models.moe.plan import EP_PLAN, TP_PLAN, pipeline_split, validate
+from treadle.models.ops import KernelsConfig
+from treadle.models.spec import ModelSpec, register_model
+
+
+def build(cfg: MoEConfig, kernels: KernelsConfig) -> MoETransformer:
+    if kernels.moe == "torch" and (cfg.dim % 8 or cfg.moe_ffn_dim % 8):
+        raise ValueError(
+            f"kernels.moe=torch runs torch._grouped_mm, which needs model.dim={cfg.dim} and model.moe_ffn_dim="
+            f"{cfg.moe_ffn_dim} to be multiples of 8 (16-byte aligned rows); fix: round them up, or use "
+            "kernels.moe=loop"
+        )
+    return MoETransformer(cfg, kernels)
+
+
+def post_step(model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Balance the experts for the next step and report this step's load (`update_expert_bias`)."""
+    layers = {
+        canonical_name(name).split(".")[1]: m
+        for part in model_parts
+        for name, m in part.named_modules()
+        if isinstance(m, MoE)
+    }
+    aux = next((p.aux_loss_stats for p in model_parts if isinstance(p, MoETransformer)), None)
+    return update_expert_bias(layers, aux)
+
+
+SPEC = ModelSpec(
+    name="moe",
+    config_cls=MoEConfig,
+    build=build,
+    flops_per_token=flops_per_token,
+    validate=validate,
+    tp_plan=TP_PLAN,
+    ep_plan=EP_PLAN,
+    pipeline_split=pipeline_split,
+    post_step=(post_step,),
+)
+register_model(SPEC)
+
+__all__ = ["SPEC", "MoE", "MoEConfig", "MoETransformer", "flops_per_token"]

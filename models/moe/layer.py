@@ -1,0 +1,284 @@
+"""The routed Mixture-of-Experts feed-forward layer: router, stacked experts, dispatch, load statistics.
+
+Shape legend: T tokens on this rank (B·S flattened), E model dim, N experts, K experts per token (top-k),
+F expert width, M routed rows (T·K, sorted by expert), L local experts (N / ep).
+
+One layer computes, per token t with router scores s_t (fp32):
+    ids_t = top-K experts by s_t + bias (the bias, DeepSeek-V3's auxiliary-loss-free balancing, only chooses);
+    w_t   = s_t[ids_t], renormalised over the K when asked (Qwen3-MoE, Mixtral; always with sigmoid scores,
+            DeepSeek-V3 §2.1.2), times the route scale;
+    y_t   = Σ_k w_tk · expert_{ids_tk}(x_t)  (+ the shared experts' output for every token).
+Rows are sorted by expert so each expert's tokens are contiguous, and the experts run as grouped GEMMs over
+those groups through the op table (`ops.moe`, models/ops.py). The layer holds no collective: a dispatcher
+object moves rows to their experts and back. The local one here runs every expert on this rank; the expert-
+parallel one (parallel/ep.py) exchanges rows with all-to-all, and the tensor-parallel token split (also there)
+gives each TP rank its own share of the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from treadle.models.ops import Ops
+
+
+class RouterConfig(Protocol):
+    num_experts: int
+    num_experts_per_tok: int
+    router_scoring: str
+    norm_topk_prob: bool
+    num_expert_groups: int
+    topk_groups: int
+    route_scale: float
+    aux_loss_coeff: float
+    z_loss_coeff: float
+    bias_update_rate: float
+    capacity_factor: float | None
+
+
+class Router(nn.Module):
+    """fp32 gate → scores → top-K experts and their weights, with the balancing losses of one micro-batch.
+
+    Scoring: `softmax` then top-K (Qwen3-MoE, Mixtral; `norm_topk_prob` renormalises the K weights), or
+    `sigmoid` with group-limited top-K (DeepSeek-V3: experts in `num_expert_groups` groups, a group's score is
+    the sum of its two best experts, only the `topk_groups` best groups are eligible) and renormalised weights.
+
+    Auxiliary losses (a value per micro-batch, summed over layers by the model):
+      load balance (Switch Transformer eq. 4, Fedus et al. 2021): N · Σ_e f_e · P_e, f_e the fraction of the
+        T·K routed rows that chose e, P_e the mean (normalised) score of e;
+      z-loss (ST-MoE, Zoph et al. 2022 §3): mean over tokens of logsumexp(logits)².
+    """
+
+    def __init__(self, dim: int, cfg: RouterConfig):
+        super().__init__()
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.scoring, self.norm_topk_prob = cfg.router_scoring, cfg.norm_topk_prob
+        self.num_groups, self.topk_groups, self.route_scale = (
+            cfg.num_expert_groups,
+            cfg.topk_groups,
+            cfg.route_scale,
+        )
+        self.aux_loss_coeff, self.z_loss_coeff = cfg.aux_loss_coeff, cfg.z_loss_coeff
+        # Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, Wang et al. 2024): added to the scores only to choose
+        # experts; updated after each optimizer step (`update_expert_bias`). Persistent, so resumes are exact.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.bias_update_rate > 0)
+
+    def forward(self, x_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights [T, K] fp32, expert ids [T, K] int64, auxiliary loss: a scalar, already weighted by its
+        coefficients, 0 when both are 0)."""
+        logits_TN = F.linear(x_TE.float(), self.gate.weight.float())
+        scores_TN = logits_TN.softmax(dim=-1) if self.scoring == "softmax" else logits_TN.sigmoid()
+        choice_TN = scores_TN.detach() + self.expert_bias
+        if self.num_groups > 1:
+            choice_TN = self._limit_groups(choice_TN)
+        ids_TK = choice_TN.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TN.gather(-1, ids_TK)
+        if self.scoring == "sigmoid" or self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.route_scale
+        return weights_TK, ids_TK, self._aux_loss(logits_TN, scores_TN, ids_TK)
+
+    def _limit_groups(self, choice_TN: torch.Tensor) -> torch.Tensor:
+        """Only experts of the `topk_groups` best groups stay eligible (node-limited routing, DeepSeek-V3)."""
+        tokens = choice_TN.shape[0]
+        grouped_TGn = choice_TN.view(tokens, self.num_groups, -1)
+        group_scores_TG = grouped_TGn.topk(min(2, grouped_TGn.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_scores_TG.topk(self.topk_groups, dim=-1).indices, True)
+        return grouped_TGn.masked_fill(~keep_TG[..., None], float("-inf")).view(tokens, -1)
+
+    def _aux_loss(
+        self, logits_TN: torch.Tensor, scores_TN: torch.Tensor, ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        aux = logits_TN.new_zeros(())
+        if self.aux_loss_coeff > 0:
+            tokens = ids_TK.shape[0]
+            fraction_N = torch.bincount(ids_TK.flatten(), minlength=self.num_experts).float() / (
+                tokens * self.top_k
+            )
+            probs_TN = scores_TN / scores_TN.sum(dim=-1, keepdim=True)
+            aux = aux + self.aux_loss_coeff * self.num_experts * (fraction_N * probs_TN.mean(dim=0)).sum()
+        if self.z_loss_coeff > 0:
+            aux = aux + self.z_loss_coeff * logits_TN.logsumexp(dim=-1).square().mean()
+        return aux
+
+
+class GroupedExperts(nn.Module):
+    """N SwiGLU experts stored stacked (the layout expert parallelism shards on dim 0):
+    gate_proj, up_proj [N, F, E] and down_proj [N, E, F], each expert's slice laid out as a Hugging Face
+    per-expert `nn.Linear` weight (out features, in features).
+
+    `forward(x_ME, counts_L)`: rows sorted by expert, `counts_L[i]` rows for the i-th expert held here. Under
+    expert parallelism the parameters are DTensors sharded `Shard(0)` over `ep` and this rank computes with its
+    local experts only."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, ops: Ops):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.ops = ops
+
+    def forward(self, x_ME: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        weights = [_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        return self.ops.moe(x_ME, *weights, counts_L, swiglu=self.ops.swiglu)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+class Dispatcher(Protocol):
+    """Moves routed rows to the experts that compute them and the results back (rows stay in sorted order)."""
+
+    def __call__(
+        self, x_ME: torch.Tensor, counts_N: torch.Tensor, experts: GroupedExperts
+    ) -> torch.Tensor: ...
+
+
+def local_dispatch(x_ME: torch.Tensor, counts_N: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+    """Every expert lives on this rank: the sorted rows go straight to the grouped GEMMs."""
+    return experts(x_ME, counts_N)
+
+
+class TokenSplit(Protocol):
+    """Under tensor parallelism every TP rank holds the same tokens; a split gives each rank its share for the
+    routed experts (parallel/ep.py). `split` keeps this rank's rows, `gather` restores all of them."""
+
+    def split(self, t: torch.Tensor) -> torch.Tensor: ...
+    def gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ shared experts, a dense SwiGLU MLP every token goes through).
+
+    Returns (output, auxiliary loss) and, in training, adds this micro-batch's per-expert row counts and
+    dropped rows to `load_counts` / `dropped` (reduced over the data-parallel ranks and reset after each
+    optimizer step by `update_expert_bias`)."""
+
+    def __init__(self, dim: int, cfg: RouterConfig, ffn_dim: int, shared: nn.Module | None, ops: Ops):
+        super().__init__()
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(dim, ffn_dim, cfg.num_experts, ops)
+        self.shared_experts = shared
+        self.num_experts, self.top_k, self.capacity_factor = (
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.capacity_factor,
+        )
+        self.bias_update_rate = cfg.bias_update_rate
+        self.dispatch: Dispatcher = local_dispatch
+        self.token_split: TokenSplit | None = None
+        # Process group the load counts are summed over: every rank of the pipeline stage, whose token shares
+        # are disjoint (set by parallel/ep.py; None on one process).
+        self.load_group: object | None = None
+        self.register_buffer("load_counts", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("dropped", torch.zeros(()), persistent=False)
+
+    def forward(self, x_BSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_TE = x_BSE.reshape(-1, x_BSE.shape[-1])
+        weights_TK, ids_TK, aux = self.router(x_TE)
+        routed_x_TE = x_TE
+        if self.token_split is not None:
+            routed_x_TE, weights_TK, ids_TK = (self.token_split.split(t) for t in (x_TE, weights_TK, ids_TK))
+        if self.training:
+            # This rank's rows (its TP share): summed over every rank of the stage after the step. Recomputation
+            # under activation checkpointing adds them twice, which scales every count alike: the balancing
+            # sign and the reported ratios do not change.
+            self.load_counts.add_(torch.bincount(ids_TK.flatten(), minlength=self.num_experts).float())
+        out_TE = self._routed(routed_x_TE, weights_TK, ids_TK)
+        if self.token_split is not None:
+            out_TE = self.token_split.gather(out_TE)
+        if self.shared_experts is not None:
+            out_TE = out_TE + self.shared_experts(x_TE)
+        return out_TE.view_as(x_BSE), aux
+
+    def _routed(self, x_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """Sort rows by expert, drop those over capacity, dispatch, weight by the router and sum per token."""
+        ids_M = ids_TK.flatten()
+        order_M = ids_M.argsort(stable=True)
+        token_M = order_M // self.top_k
+        counts_N = torch.bincount(ids_M, minlength=self.num_experts)
+        weights_M = weights_TK.flatten()[order_M]
+        if self.capacity_factor is not None:
+            token_M, weights_M, counts_N = self._drop_over_capacity(
+                token_M, weights_M, counts_N, ids_M[order_M]
+            )
+        rows_ME = self.dispatch(x_TE.index_select(0, token_M), counts_N, self.experts)
+        rows_ME = rows_ME * weights_M.to(rows_ME.dtype)[:, None]
+        return torch.zeros_like(x_TE).index_add_(0, token_M, rows_ME)
+
+    def _drop_over_capacity(
+        self,
+        token_M: torch.Tensor,
+        weights_M: torch.Tensor,
+        counts_N: torch.Tensor,
+        sorted_ids_M: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep at most ceil(capacity_factor · T·K / N) rows per expert, earliest tokens first (GShard §2.2,
+        capacity per rank's tokens); a dropped row contributes nothing (its token keeps the residual)."""
+        capacity = math.ceil(self.capacity_factor * token_M.numel() / self.num_experts)
+        starts_N = torch.cumsum(counts_N, 0) - counts_N
+        position_M = torch.arange(token_M.numel(), device=token_M.device) - starts_N[sorted_ids_M]
+        keep_M = position_M < capacity
+        if self.training:
+            self.dropped.add_((~keep_M).sum())
+        return token_M[keep_M], weights_M[keep_M], counts_N.clamp(max=capacity)
+
+    def graphable(self) -> bool:
+        """Whether the layer traces as one graph: row counts must not reach the host (capacity drops make shapes
+        data-dependent; the reference loop and expert parallelism read counts on the host)."""
+        return (
+            self.capacity_factor is None
+            and self.dispatch is local_dispatch
+            and not getattr(self.experts.ops.moe, "reads_counts_on_host", False)
+        )
+
+
+@torch.no_grad()
+def update_expert_bias(
+    layers: dict[str, MoE], aux_stats: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """After an optimizer step: sum the step's per-expert counts over the stage's ranks (one all-reduce for
+    every layer, with `aux_stats` = [summed auxiliary loss, forwards] packed in), move each layer's bias by
+    rate · sign(mean load − load) (DeepSeek-V3 §2.1.2: overloaded experts become less likely, underloaded ones
+    more), and return the step's statistics as device tensors: expert load relative to the balanced load
+    (max over experts; per layer and the worst layer; 1.0 = balanced), the fraction of routed rows dropped over
+    capacity, and the mean auxiliary loss. `layers` maps a label (the layer index) to each layer. Resets the
+    counts."""
+    if not layers:
+        return {}
+    labels, layers = list(layers), list(layers.values())
+    counts_LN = torch.stack([layer.load_counts for layer in layers])
+    dropped_L = torch.stack([layer.dropped for layer in layers])
+    aux_2 = aux_stats.clone() if aux_stats is not None else counts_LN.new_zeros(2)
+    group = layers[0].load_group
+    if group is not None:
+        packed = torch.cat([counts_LN.flatten(), dropped_L, aux_2])
+        torch.distributed.all_reduce(packed, group=group)
+        counts_LN = packed[: counts_LN.numel()].view_as(counts_LN)
+        dropped_L, aux_2 = packed[counts_LN.numel() : -2], packed[-2:]
+    mean_L1 = counts_LN.mean(dim=1, keepdim=True)
+    for i, layer in enumerate(layers):
+        rate = layer.bias_update_rate
+        if rate > 0:
+            layer.router.expert_bias.add_(rate * torch.sign(mean_L1[i] - counts_LN[i]))
+        layer.load_counts.zero_()
+        layer.dropped.zero_()
+    if aux_stats is not None:
+        aux_stats.zero_()
+    imbalance_L = counts_LN.max(dim=1).values / mean_L1.squeeze(1).clamp(min=1e-9)
+    stats = {"moe/max_load": imbalance_L.max()}
+    if any(layer.capacity_factor is not None for layer in layers):
+        stats["moe/dropped_frac"] = dropped_L.sum() / counts_LN.sum().clamp(min=1)
+    if any(layer.router.aux_loss_coeff > 0 or layer.router.z_loss_coeff > 0 for layer in layers):
+        stats["moe/aux_loss"] = aux_2[0] / aux_2[1].clamp(min=1)
+    stats.update({f"moe/max_load_l{label}": imbalance_L[i] for i, label in enumerate(labels)})
+    return stats
