@@ -16,7 +16,6 @@ FSDP2's parameter offload (parallel/fsdp.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -25,13 +24,19 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 AC_MODES = ("none", "full", "every_k", "selective")
 
-# Ops whose outputs selective checkpointing keeps: matmuls and every SDPA backend, plus treadle's Triton
-# attention (its custom op, when registered), whose recomputation would cost as much as the forward.
+# Ops whose outputs selective checkpointing keeps: matmuls (grouped ones too) and every SDPA backend, plus
+# treadle's Triton attention (its custom op, when registered), whose recomputation would cost as much as the
+# forward, and the MoE all-to-alls.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_mm.default,  # FP8 linears (parallel/fp8.py)
+    torch.ops.aten._grouped_mm.default,  # MoE experts (kernels/moe_reference.py)
+    # Expert parallelism's all-to-all exchanges (parallel/ep.py): recomputing them would repeat the
+    # communication in backward.
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional.wait_tensor.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
@@ -80,6 +85,34 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Ops selective checkpointing must neither cache nor count: profiler annotations and FSDP2's own all-gather /
+# reduce-scatter machinery. A module FSDP-sharded inside a checkpointed block (the MoE experts' unit) runs them
+# a different number of times in forward and in recomputation (prefetching differs), which would break the
+# per-op replay counters torch's selective checkpointing keys its cache by. They are runtime, not model math,
+# so they simply run each time.
+_SAC_BYPASS_NAMESPACES = frozenset({"profiler", "fsdp", "c10d"})
+_bypass_classes: dict[type, type] = {}
+
+
+def _bypassing(mode):
+    cls = type(mode)
+    if cls not in _bypass_classes:
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "namespace", None) in _SAC_BYPASS_NAMESPACES:
+                return func(*args, **(kwargs or {}))
+            return cls.__torch_dispatch__(self, func, types, args, kwargs)
+
+        _bypass_classes[cls] = type(cls.__name__, (cls,), {"__torch_dispatch__": __torch_dispatch__})
+    mode.__class__ = _bypass_classes[cls]
+    return mode
+
+
+def _selective_contexts():
+    forward_mode, recompute_mode = create_selective_checkpoint_contexts(_selective_policy)
+    return _bypassing(forward_mode), _bypassing(recompute_mode)
+
+
 def apply_activation_checkpointing(blocks: nn.ModuleDict, cfg: MemoryConfig) -> None:
     """Wrap blocks in place. Non-reentrant checkpointing: it composes with FSDP2 and torch.compile."""
     mode = cfg.activation_checkpoint
@@ -89,7 +122,6 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, cfg: MemoryConfig) -> 
         if mode == "every_k" and i % cfg.ac_every:
             continue
         if mode == "selective":
-            context_fn = partial(create_selective_checkpoint_contexts, _selective_policy)
-            blocks[name] = checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
+            blocks[name] = checkpoint_wrapper(block, context_fn=_selective_contexts, preserve_rng_state=False)
         else:
             blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)

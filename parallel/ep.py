@@ -41,16 +41,18 @@ class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, recv_splits: list[int], send_splits: list[int], group) -> torch.Tensor:  # type: ignore[override]
         ctx.splits, ctx.group = (recv_splits, send_splits), group
-        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
+        return _all_to_all(x, recv_splits, send_splits, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         recv_splits, send_splits = ctx.splits
-        out = grad.new_empty((sum(send_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return out, None, None, None
+        return _all_to_all(grad, send_splits, recv_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, recv_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
+    """The functional collective (an op selective activation checkpointing can keep instead of repeating)."""
+    out = torch.ops._c10d_functional.all_to_all_single(x.contiguous(), recv_splits, send_splits, group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
 
 
 class AllToAllDispatch:
@@ -65,8 +67,7 @@ class AllToAllDispatch:
     def __call__(self, x_ME: torch.Tensor, counts_N: torch.Tensor, experts: nn.Module) -> torch.Tensor:
         ep, local = self.ep, self.local_experts
         send_counts_N = counts_N.to(torch.int64).contiguous()
-        recv_counts_N = torch.empty_like(send_counts_N)
-        dist.all_to_all_single(recv_counts_N, send_counts_N, group=self.group)
+        recv_counts_N = _all_to_all(send_counts_N, [local] * ep, [local] * ep, self.group)
         recv_RL = recv_counts_N.view(ep, local)  # rows from rank r for my local expert l
         splits = torch.cat([send_counts_N.view(ep, local).sum(1), recv_RL.sum(1)]).tolist()
         send_splits, recv_splits = splits[:ep], splits[ep:]

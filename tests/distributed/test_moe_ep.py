@@ -79,7 +79,7 @@ def reference(cache, tmp_path_factory) -> list[float]:
 @pytest.mark.parametrize(
     ("world_size", "overrides"),
     [
-        pytest.param(2, ["parallel.ep=2"], id="ep2"),
+        pytest.param(2, ["parallel.ep=2", "memory.activation_checkpoint=selective"], id="ep2_selective_ac"),
         # ep over the TP ranks, experts FSDP-sharded over efsdp = dp_shard·tp/ep = 2.
         pytest.param(
             4,
