@@ -81,7 +81,7 @@ def test_recipe_composes_validates_and_builds_on_meta(recipe, tmp_path):
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
     if cfg.peft.method == "lora":
-        apply_lora(model, cfg.peft)
+        apply_lora(model, cfg.peft, spec.linear_names())
         assert (
             0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.02 * cfg.model.dim**2 * 1e3
         )
