@@ -1,6 +1,7 @@
-"""A transformers-made Qwen3-MoE loads under expert parallelism on 2 gloo ranks (parallel.ep=2: each rank reads
-only its 4 of the 8 experts' tensors; the rest FSDP-sharded over dp_shard=2), gives transformers' logits, and
-exports (gathering the expert shards) a directory that transformers reloads with the same logits.
+"""A transformers-made Qwen3-MoE (per-expert tensors) and Mixtral (transformers 5's fused layout) load under expert
+parallelism on 2 gloo ranks (parallel.ep=2: each rank reads only its 4 of the 8 experts' rows; the rest
+FSDP-sharded over dp_shard=2), give transformers' logits, and export (gathering the expert shards) a directory
+that transformers reloads with the same logits.
 
 Tolerance: fp32, logits within 1e-5 absolute, as in tests/models/test_moe_hf.py."""
 
@@ -35,11 +36,13 @@ def _load_under_ep(rank: int, world_size: int, model_dir: str, out: str) -> dict
     )
     dims = validate(cfg, world_size)
     dims.build_mesh("cpu")
-    read: list[str] = []
+    read: list[int] = []
     original = SafetensorsCheckpoint.slice
 
-    def recording(self, key, shape, index):  # which tensors this rank reads
-        read.append(key)
+    def recording(self, key, shape, index):  # which experts' rows this rank reads
+        if ".experts." in key:
+            expert = key.split(".")[5]
+            read.extend([int(expert)] if expert.isdigit() else range(index[0].start, index[0].stop))
         return original(self, key, shape, index)
 
     SafetensorsCheckpoint.slice = recording
@@ -53,12 +56,17 @@ def _load_under_ep(rank: int, world_size: int, model_dir: str, out: str) -> dict
     with torch.no_grad():
         logits = lm_logits(part, tokens)
     export_hf(part, cfg.model, Path(out) / "export", dtype=torch.float32)
-    experts_read = sorted({int(k.split(".")[5]) for k in read if ".experts." in k})
+    experts_read = sorted(set(read))
     return {"tokens": tokens, "logits": logits, "local_experts": local_experts, "experts_read": experts_read}
 
 
-def test_hf_checkpoint_loads_and_exports_under_expert_parallelism(tmp_path):
-    model_dir = make_hf_moe_model("qwen3_moe", tmp_path / "hf")
+@pytest.mark.parametrize(
+    ("arch", "fused"), [("qwen3_moe", False), ("mixtral", True)], ids=["qwen3_moe", "mixtral_fused"]
+)
+def test_hf_checkpoint_loads_and_exports_under_expert_parallelism(tmp_path, arch, fused):
+    if fused and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 5 writes the fused expert layout")
+    model_dir = make_hf_moe_model(arch, tmp_path / "hf", fused=fused)
     results = run_distributed(_load_under_ep, 2, str(model_dir), str(tmp_path))
     assert [r["local_experts"] for r in results] == [4, 4]
     assert [r["experts_read"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]
