@@ -401,6 +401,9 @@ def export_hf(
 
     Every rank must call this (parameters are gathered one at a time); rank 0 writes and returns the directory.
     """
+    # Every rank checks that the architecture can express the model (e.g. MoE shared experts) before the first
+    # gather: a refusal on rank 0 alone would leave the other ranks waiting in a collective.
+    hf_config_from_model(cfg, architecture_of(cfg), dtype)
     tensors = dense_tensors(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         for _ in tensors:  # take part in every gather

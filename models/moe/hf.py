@@ -316,7 +316,11 @@ class MoEHFAdapter:
 
     def _router_part(self, layer: str, shape: tuple[int, ...], stored: StoredShape | None) -> HFPart:
         key = f"model.layers.{layer}.{LAYOUTS[self.architecture][1]}.gate.weight"
-        if stored is not None and stored(key) is None and stored(f"model.layers.{layer}.mlp.gate.weight"):
+        if (
+            stored is not None
+            and stored(key) is None
+            and stored(f"model.layers.{layer}.mlp.gate.weight") is not None
+        ):
             key = f"model.layers.{layer}.mlp.gate.weight"  # Mixtral in transformers 5's own layout
         found = stored(key) if stored is not None else None
         if found is not None:

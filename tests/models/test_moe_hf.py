@@ -163,3 +163,35 @@ def test_peft_export_of_attention_lora_loads_in_hf_peft(tmp_path):
         theirs = peft.PeftModel.from_pretrained(base, out).eval()(tokens).logits
         torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
         assert (theirs - hf_logits(model_dir, tokens)).abs().max() > 1e-3  # the adapter changed the logits
+
+
+@pytest.mark.parametrize("found", [6, 10])
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_expert_tensors_other_than_config_name_the_key(layout, found):
+    """The router agrees with config.json (8 experts) but the expert tensors do not."""
+    from treadle.models.moe.hf import MIXTRAL, MoEHFAdapter
+
+    adapter = MoEHFAdapter(MIXTRAL)
+    if layout == "per_expert":
+        stored = {f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight": (32, 64) for e in range(found)}
+        key = rf"model\.layers\.0\.block_sparse_moe\.experts\.{min(found, 8)}\.w1\.weight"
+    else:
+        stored = {"model.layers.0.mlp.experts.gate_up_proj": (found, 64, 64)}
+        key = r"model\.layers\.0\.mlp\.experts\.gate_up_proj"
+    with pytest.raises(ValueError, match=rf"tensor '{key}': .* {found} experts .* num_local_experts=8; fix"):
+        adapter.hf_parts("layers.0.mlp.experts.gate_proj", (8, 32, 64), stored.get)
+    assert (
+        len(adapter.hf_parts("layers.0.mlp.experts.gate_proj", (8, 32, 64), None)) == 8
+    )  # the export layout
+
+
+def test_export_refuses_what_the_architecture_cannot_express(tmp_path):
+    cfg = MoEConfig(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=64, num_experts=4,
+                    moe_ffn_dim=32, num_shared_experts=1, qk_norm=True)  # fmt: skip
+    with torch.device("meta"):
+        model = SPEC.build(cfg, KernelsConfig())
+    with pytest.raises(
+        ValueError, match=r"model\.num_shared_experts=1 cannot be exported as Qwen3MoeForCausalLM"
+    ):
+        export_hf(model, cfg, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
