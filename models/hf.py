@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from treadle.models.lora import (
     merged_weight,
     peft_adapter_config,
 )
-from treadle.models.spec import HFAdapter, get_model_spec, load_builtin_families
+from treadle.models.spec import HFAdapter, HFPart, get_model_spec, load_builtin_families
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ def _adapters() -> dict[str, HFAdapter]:
 
 
 def hf_adapter_for(architecture: str) -> HFAdapter:
+    """The adapter that reads and writes `architecture`, with that architecture's tensor names."""
     adapters = _adapters()
     if architecture not in adapters:
         raise ValueError(f"no model family reads {architecture!r}; supported: {', '.join(adapters)}")
-    return adapters[architecture]
+    return adapters[architecture].for_architecture(architecture)
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
@@ -173,7 +174,17 @@ class SafetensorsCheckpoint:
             )
         self._open: dict[Path, Any] = {}
 
-    def slice(self, key: str, shape: torch.Size, index: tuple[slice, ...]) -> torch.Tensor:
+    def _view(self, key: str) -> Any:
+        file = self.files[key]
+        if file not in self._open:
+            self._open[file] = _safe_open(file)
+        return self._open[file].get_slice(key)
+
+    def stored_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape `key` is stored with (read from the file header, no data), None if it is absent."""
+        return tuple(self._view(key).get_shape()) if key in self.files else None
+
+    def slice(self, key: str, shape: Sequence[int], index: tuple[slice, ...]) -> torch.Tensor:
         """`key[index]`, after checking that the stored tensor has `shape`."""
         if key not in self.files:
             raise ValueError(
@@ -181,9 +192,7 @@ class SafetensorsCheckpoint:
                 "not match the weights, or shards are incomplete"
             )
         file = self.files[key]
-        if file not in self._open:
-            self._open[file] = _safe_open(file)
-        view = self._open[file].get_slice(key)
+        view = self._view(key)
         stored = tuple(view.get_shape())
         if stored != tuple(shape):
             raise ValueError(
@@ -206,9 +215,46 @@ def local_index(param: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
+def _plan(
+    adapter: HFAdapter, model: nn.Module, checkpoint: SafetensorsCheckpoint
+) -> list[tuple[torch.Tensor, list[HFPart]]]:
+    """Every parameter (but adapters) with its checkpoint parts, decided before any read so that a checkpoint
+    that does not fit the config (e.g. another expert count) fails on the first mismatch the adapter names."""
+    plan = []
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        try:
+            parts = adapter.hf_parts(canonical_name(name), tuple(param.shape), checkpoint.stored_shape)
+        except ValueError as e:
+            raise ValueError(f"model.pretrained={checkpoint.dir}: {e}") from e
+        rows = sorted(p.row for p in parts if p.row is not None)
+        assert (len(parts) == 1 and not rows) or rows == list(range(param.shape[0])), (name, parts)
+        plan.append((param, parts))
+    return plan
+
+
+def _read_parts(
+    checkpoint: SafetensorsCheckpoint, parts: list[HFPart], index: tuple[slice, ...], local: torch.Tensor
+) -> None:
+    """Fill `local` (the region `index` of a parameter's full tensor) from its parts: a stacked parameter's
+    rank reads only the rows (experts) its shard covers."""
+    for part in parts:
+        region, target = index, local
+        if part.row is not None:
+            rows = index[0]
+            if not rows.start <= part.row < rows.stop:
+                continue
+            region, target = index[1:], local[part.row - rows.start]
+        offsets = part.offsets or (0,) * len(region)
+        stored_index = tuple(slice(o + r.start, o + r.stop) for o, r in zip(offsets, region, strict=True))
+        target.copy_(checkpoint.slice(part.key, part.shape, stored_index).to(target.dtype))
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, model_dir: str | Path) -> int:
-    """Copy the checkpoint into `model`'s (possibly sharded) parameters in place; returns the number loaded.
+    """Copy the checkpoint into `model`'s (possibly sharded) parameters in place; returns the number of
+    checkpoint tensors used.
 
     LoRA adapters (which the checkpoint does not have) are left alone; NF4 bases are quantized from the full
     tensor, which every rank reads (they are not sharded).
@@ -217,14 +263,10 @@ def load_hf_weights(model: nn.Module, model_dir: str | Path) -> int:
     checkpoint = SafetensorsCheckpoint(model_dir)
     loaded: set[str] = set()
     try:
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                continue
-            key = adapter.hf_name(name)
-            index = local_index(param)
+        for param, parts in _plan(adapter, model, checkpoint):
             local = param.to_local() if isinstance(param, DTensor) else param
-            local.copy_(checkpoint.slice(key, param.shape, index).to(local.dtype))
-            loaded.add(key)
+            _read_parts(checkpoint, parts, local_index(param), local)
+            loaded.update(part.key for part in parts)
         for name, module in model.named_modules():
             if isinstance(module, LoRALinear) and module.quantized:
                 key = adapter.hf_name(f"{name}.weight")
@@ -340,7 +382,9 @@ def write_hf(
     adapter = hf_adapter_for(architecture)
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes)
     for name, tensor in tensors:
-        writer.add(adapter.hf_name(name), tensor.to(dtype))
+        for part in adapter.hf_parts(name, tuple(tensor.shape), None):
+            assert part.offsets is None, f"{part.key}: an export layout writes whole tensors"
+            writer.add(part.key, (tensor if part.row is None else tensor[part.row]).to(dtype))
     config = {**adapter.config_to_hf(cfg, architecture, dtype), **special_token_ids(cfg.pretrained)}
     return writer.finish(config, cfg.pretrained)
 
@@ -357,6 +401,9 @@ def export_hf(
 
     Every rank must call this (parameters are gathered one at a time); rank 0 writes and returns the directory.
     """
+    # Every rank checks that the architecture can express the model (e.g. MoE shared experts) before the first
+    # gather: a refusal on rank 0 alone would leave the other ranks waiting in a collective.
+    hf_config_from_model(cfg, architecture_of(cfg), dtype)
     tensors = dense_tensors(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         for _ in tensors:  # take part in every gather
@@ -372,7 +419,7 @@ def export_peft(
 
     Every rank must call this (adapters are gathered); rank 0 writes and returns the directory.
     """
-    hf_name = adapter_of(model_cfg).hf_name
+    hf_name = hf_adapter_for(architecture_of(model_cfg)).hf_name
     state = adapter_state(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

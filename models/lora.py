@@ -13,6 +13,7 @@ gradients; the optimizer, the gradient clipping and the checkpoints see only tho
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +48,12 @@ class PeftConfig:
         """The module names to adapt; None for every linear layer of the blocks."""
         return None if "all-linear" in self.target_modules else tuple(self.target_modules)
 
-    def validate(self, linear_names: tuple[str, ...] | None = None) -> None:
+    def validate(
+        self, linear_names: tuple[str, ...] | None = None, refused: Mapping[str, str] | None = None
+    ) -> None:
         """`linear_names`: the blocks' linear layers of the model family (`ModelSpec.linear_names`); by default
-        those of every built-in family."""
+        those of every built-in family. `refused`: names the family does not let LoRA adapt, with the reason
+        (`ModelSpec.lora_refused`)."""
         if self.method not in METHODS:
             raise ValueError(f"peft.method={self.method!r} is not one of {METHODS}")
         if self.quantize_base not in QUANTIZE:
@@ -62,6 +66,9 @@ class PeftConfig:
             raise ValueError(f"peft.dropout={self.dropout} must be in [0, 1)")
         if linear_names is None:
             linear_names = tuple(dict.fromkeys(n for s in load_builtin_families() for n in s.linear_names()))
+        for target in self.target_modules:
+            if refused and target in refused:
+                raise ValueError(f"peft.target_modules: {target!r} cannot be adapted: {refused[target]}")
         unknown = [t for t in self.target_modules if t != "all-linear" and t not in linear_names]
         if unknown:
             raise ValueError(
@@ -138,15 +145,20 @@ class LoRALinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def apply_lora(model: nn.Module, cfg: PeftConfig) -> list[str]:
+def apply_lora(model: nn.Module, cfg: PeftConfig, linear_names: tuple[str, ...] | None = None) -> list[str]:
     """Replace the targeted linear layers of `model` (on the meta device) in place and freeze everything that is
-    not an adapter; returns the adapted module names."""
+    not an adapter; returns the adapted module names. With `linear_names` (the family's
+    `ModelSpec.linear_names`), `all-linear` adapts only linear layers of those names: an MoE router's gate is a
+    linear layer in the blocks but no projection to adapt (models/moe/__init__.py says why)."""
     targets = cfg.targets()
     adapted: list[str] = []
     for name, module in list(model.named_modules()):
         in_blocks = name == "layers" or name.startswith("layers.")
         for child_name, child in list(module.named_children()):
-            wanted = in_blocks if targets is None else child_name in targets
+            if targets is None:
+                wanted = in_blocks and (linear_names is None or child_name in linear_names)
+            else:
+                wanted = child_name in targets
             if wanted and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, cfg))
                 adapted.append(f"{name}.{child_name}" if name else child_name)

@@ -53,6 +53,29 @@ class Dims(Protocol):
     pp: int
 
 
+@dataclass(frozen=True)
+class HFPart:
+    """A checkpoint tensor, or a region of one, that holds one of our parameters or one row of its dim 0.
+
+    Stacked parameters (MoE experts [N, F, E]) are stored by Hugging Face as one tensor per expert (transformers
+    4 layout, and what transformers 5 writes by default) or fused across experts and projections (transformers
+    5's `gate_up_proj` [N, 2F, E] holds `gate_proj` at rows 0..F-1 of dim 1 and `up_proj` at rows F..2F-1).
+    """
+
+    key: str
+    shape: tuple[int, ...]  # the stored tensor's full shape, checked before any read
+    # None: the part is the whole parameter (stored with the parameter's rank); i: it is row i of the
+    # parameter's dim 0, stored with one dim fewer.
+    row: int | None = None
+    # Where the parameter (or row) starts in each dim of the stored tensor; None: at 0 in every dim. Only reads
+    # use offsets: exports write whole tensors (parts without offsets).
+    offsets: tuple[int, ...] | None = None
+
+
+# What `HFAdapter.hf_parts` may ask of a checkpoint while choosing a layout: a key's stored shape, None if absent.
+StoredShape = Callable[[str], "tuple[int, ...] | None"]
+
+
 class HFAdapter(Protocol):
     """Hugging Face checkpoints <-> one family: config.json fields and parameter names (models/hf.py does the
     file I/O, sharded reads and shard writing for every family)."""
@@ -62,7 +85,18 @@ class HFAdapter(Protocol):
     def config_from_hf(self, base: Any, hf_config: dict[str, Any], path: Any) -> Any: ...
     def config_to_hf(self, cfg: Any, architecture: str, dtype: Any) -> dict[str, Any]: ...
     def architecture_of(self, cfg: Any) -> str: ...
+    def for_architecture(self, architecture: str) -> HFAdapter:
+        """The adapter whose names are those of `architecture` (a family whose architectures name their
+        tensors differently, e.g. Mixtral's `block_sparse_moe`, has one per architecture)."""
+        ...
+
     def hf_name(self, name: str) -> str: ...
+    def hf_parts(self, name: str, shape: tuple[int, ...], stored: StoredShape | None) -> list[HFPart]:
+        """Where our (canonical) parameter `name` of full `shape` lives in a checkpoint: its parts. `stored`
+        answers for the checkpoint being read (the adapter picks the layout it finds and may raise a
+        ValueError naming the key and the fix); None asks for the layout to export."""
+        ...
+
     def ignored_keys(self, key: str) -> bool: ...
 
 
@@ -83,6 +117,9 @@ class ModelSpec:
     # (model config, num_stages) -> per stage, the FQNs of the modules that stage keeps
     pipeline_split: Callable[[Any, int], list[list[str]]] | None = None
     hf_adapter: HFAdapter | None = None
+    # Module names that `peft.target_modules` may not name, each with the reason given to the user (e.g. MoE
+    # routed experts: stacked parameters, not linear layers).
+    lora_refused: dict[str, str] = field(default_factory=dict)
     # Run after each optimizer step (not after a skipped one); each may return metrics to log (device tensors,
     # read only on logged steps), e.g. MoE expert load.
     post_step: tuple[Callable[[list[nn.Module]], dict[str, Any] | None], ...] = ()

@@ -92,7 +92,7 @@ def build_model(cfg: TrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
     if cfg.peft.method == "lora":
-        apply_lora(model, cfg.peft)
+        apply_lora(model, cfg.peft, spec.linear_names())
     return spec, model
 
 

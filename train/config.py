@@ -116,7 +116,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
         f"model: a {type(cfg.model).__name__} does not configure model.name={cfg.model.name}, whose config is "
         f"{spec.config_cls.__name__}; fix: choose a model= file of that family, or set model.name",
     )
-    cfg.peft.validate(spec.linear_names())
+    cfg.peft.validate(spec.linear_names(), spec.lora_refused)
     cfg.memory.validate()
     cfg.fp8.validate()
     build_ops(cfg.kernels)

@@ -17,6 +17,7 @@ import torch
 from treadle.models.hf import hf_error
 from treadle.models.init import canonical_name
 from treadle.models.llama.model import ModelConfig, RopeScalingConfig
+from treadle.models.spec import HFPart, StoredShape
 
 # Hugging Face architecture name → (model_type, attention q/k/v bias, per-head q/k RMSNorm).
 ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
@@ -138,10 +139,18 @@ class LlamaHFAdapter:
             return "Qwen3ForCausalLM"
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
 
+    def for_architecture(self, architecture: str) -> LlamaHFAdapter:
+        """Every Llama-family architecture names its tensors alike: one adapter serves them all."""
+        return self
+
     def hf_name(self, name: str) -> str:
         """Our (canonical) parameter name → the Hugging Face checkpoint key."""
         name = canonical_name(name)
         return name if name.startswith("lm_head.") else f"model.{name}"
+
+    def hf_parts(self, name: str, shape: tuple[int, ...], stored: StoredShape | None) -> list[HFPart]:
+        """Each parameter is one checkpoint tensor of its own shape (nothing is stacked or fused)."""
+        return [HFPart(self.hf_name(name), shape)]
 
     def ignored_keys(self, key: str) -> bool:
         """Checkpoint tensors with no parameter of ours: tied models' `lm_head.weight`, old RoPE buffers."""

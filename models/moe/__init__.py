@@ -4,6 +4,7 @@
 layer.py   router, stacked experts, dispatch, load statistics and the auxiliary-loss-free bias update
 model.py   config dataclass, decoder (Llama attention + MoE feed-forward), active-parameter FLOP count
 plan.py    TP and EP plans (data), pipeline split, shape checks against the parallel degrees
+hf.py      Hugging Face adapter (Qwen3-MoE, Mixtral: config.json fields, per-expert and fused tensor layouts)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from treadle.models.init import canonical_name
+from treadle.models.moe.hf import HF_ADAPTER
 from treadle.models.moe.layer import MoE, update_expert_bias
 from treadle.models.moe.model import MoEConfig, MoETransformer, flops_per_token
 from treadle.models.moe.plan import EP_PLAN, TP_PLAN, pipeline_split, validate
@@ -41,6 +43,23 @@ def post_step(model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
     return update_expert_bias(layers, aux)
 
 
+# Module names `peft.target_modules` may not name. (`all-linear` skips the router by itself: it adapts the blocks'
+# TP-planned linears, `ModelSpec.linear_names`, and the router is not one.)
+_EXPERTS_REASON = (
+    "the routed experts are stacked 3-D parameters computed by grouped GEMMs, not nn.Linear layers, and LoRA "
+    "on them is not implemented; fix: adapt attention (q_proj, k_proj, v_proj, o_proj) and the dense/shared "
+    "MLP linears (gate_proj, up_proj, down_proj), or train the experts fully (peft=none)"
+)
+LORA_REFUSED = {
+    "experts": _EXPERTS_REASON,
+    **dict.fromkeys(("w1", "w2", "w3", "gate_up_proj"), _EXPERTS_REASON),
+    "gate": (
+        "the router gate is read directly as an fp32 weight (an adapter on it would never be applied), and it "
+        "makes discrete top-k choices: a low-rank change moves tokens between experts trained on other tokens; "
+        "fix: leave the router frozen (adapt attention and the dense/shared MLP linears)"
+    ),
+}
+
 SPEC = ModelSpec(
     name="moe",
     config_cls=MoEConfig,
@@ -50,6 +69,8 @@ SPEC = ModelSpec(
     tp_plan=TP_PLAN,
     ep_plan=EP_PLAN,
     pipeline_split=pipeline_split,
+    hf_adapter=HF_ADAPTER,
+    lora_refused=LORA_REFUSED,
     post_step=(post_step,),
 )
 register_model(SPEC)

@@ -34,6 +34,12 @@ HF_SHAPES = {
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 36,
               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
               "vocab_size": 151936, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 48,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                  "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                  "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "router_aux_loss_coef": 0.001, "vocab_size": 151936, "rope_theta": 1000000.0,
+                  "max_position_embeddings": 40960},
 }  # fmt: skip
 
 
@@ -45,7 +51,7 @@ def finetune_overrides(recipe: str, tmp_path) -> list[str]:
 
     model_dir = tmp_path / "model"
     write_tokenizer(model_dir, ["hello world"])
-    shape = HF_SHAPES["qwen3" if "qwen3" in recipe else "llama3_8b"]
+    shape = HF_SHAPES[next((k for k in ("qwen3_moe", "qwen3") if k in recipe), "llama3_8b")]
     if recipe.endswith("debug_lora"):
         shape = {
             **shape,
@@ -68,6 +74,7 @@ def test_the_finetuning_recipes_exist():
         "finetune/llama3_8b_qlora",
         "finetune/qwen3_full",
         "finetune/debug_lora",
+        "finetune/qwen3_moe_lora",
     }
     assert expected <= set(RECIPES)
 
@@ -81,7 +88,7 @@ def test_recipe_composes_validates_and_builds_on_meta(recipe, tmp_path):
     with torch.device("meta"):
         model = spec.build(cfg.model, cfg.kernels)
     if cfg.peft.method == "lora":
-        apply_lora(model, cfg.peft)
+        apply_lora(model, cfg.peft, spec.linear_names())
         assert (
             0 < sum(p.numel() for p in model.parameters() if p.requires_grad) < 0.02 * cfg.model.dim**2 * 1e3
         )
@@ -286,3 +293,18 @@ def test_tp_comm_reorder_says_when_it_has_no_effect(overrides):
     cfg = load_config([*overrides, "parallel.tp_comm_reorder=true"])
     with pytest.warns(UserWarning, match="parallel.tp_comm_reorder=true reorders compiled TP blocks"):
         validate(cfg, world_size=2 if "parallel.tp=2" in overrides else 1)
+
+
+def test_qwen3_moe_lora_recipe_adapts_the_attention_of_an_moe_checkpoint(tmp_path):
+    recipe = "finetune/qwen3_moe_lora"
+    cfg = load_config([f"+config={recipe}", *finetune_overrides(recipe, tmp_path)])
+    dims = validate(cfg, world_size=8)
+    assert (
+        cfg.model.name == "moe" and cfg.model.num_experts == 128 and cfg.model.norm_topk_prob and dims.ep == 8
+    )
+    spec = get_model_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = spec.build(cfg.model, cfg.kernels)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(30.5e9, rel=0.01)  # Qwen3-30B-A3B
+    adapted = apply_lora(model, cfg.peft, spec.linear_names())
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj"}
