@@ -30,7 +30,7 @@ FLAT = {
 }
 EXPERT_AXES = ("pp", "dp_replicate", "efsdp", "ep")
 # Degrees accepted by the checks but whose parallelism is not built yet: anything above 1 is refused.
-NOT_YET = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
+NOT_YET = {"ep": "expert parallelism"}
 
 
 @dataclass

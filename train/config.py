@@ -27,6 +27,7 @@ from treadle.parallel.deepspeed_config import build_ds_config
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
+from treadle.parallel.pipeline import count_microbatches, num_blocks, plan_stages
 from treadle.parallel.registry import engine_names, get_engine
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
@@ -123,6 +124,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     spec.validate(cfg.model, dims, seq_len=cfg.data.seq_len, cp_variant=cfg.parallel.cp_variant)
     _validate_parallel(cfg, dims)
+    _validate_pipeline(cfg, dims)
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
     _validate_run_dirs(cfg)
@@ -231,6 +233,18 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={dims.tp} with sequence parallelism; "
         f"fix: change data.seq_len or set parallel.sequence_parallel=false",
     )
+
+
+def _validate_pipeline(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """The stage layout and micro-batch count `parallel.pp*` ask for (parallel/pipeline.py raises)."""
+    if dims.pp == 1:
+        return
+    per_step = cfg.trainer.micro_batch_size * dims.dp_size
+    if cfg.trainer.global_batch_size % per_step:
+        return  # _validate_training names the batch sizes
+    grad_accum = cfg.trainer.grad_accum(dims.dp_size)
+    num_microbatches = count_microbatches(cfg.parallel, cfg.trainer.micro_batch_size, grad_accum)
+    plan_stages(cfg.parallel, dims.pp, num_blocks(get_model_spec(cfg.model.name), cfg.model), num_microbatches)
 
 
 def _validate_deepspeed_overrides(cfg: TrainConfig, dims: ParallelDims) -> None:
