@@ -399,8 +399,8 @@ class Pipeline:
         fqn = self.split.tied_fqn
         if fqn is None:
             return
-        local = {i: m.get_parameter(fqn) for i, m in zip(self.split.indices, self.split.modules, strict=True)}
-        copies = [local[i] for i in (0, self.layout.num_stages - 1) if i in local]
+        local = dict(zip(self.split.indices, self.split.modules, strict=True))
+        copies = [local[i].get_parameter(fqn) for i in (0, self.layout.num_stages - 1) if i in local]
         grads = [_local(p.grad) for p in copies if p.grad is not None]
         if self._tied_group is None:  # both copies on this rank (V placement), or none
             if len(grads) == 2:
