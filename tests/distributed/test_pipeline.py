@@ -13,6 +13,7 @@ To stay within the CI budget, each spawn trains several configurations in one pr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,22 +51,41 @@ UNTIED = "model.tie_embeddings=false"
 INTERLEAVED = ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_virtual_stages=2"]
 
 
-def _train_all(rank: int, world_size: int, runs: list[list[str]]) -> list[list[float]]:
-    losses = []
+def _train_all(rank: int, world_size: int, runs: list[list[str]]) -> list[dict[str, list[float]]]:
+    """Per run: the step losses, and from rank 0's metrics file the logged (pp-reduced) losses and gradient
+    norms and the final held-out loss (the pipeline's forward-only path)."""
+    results = []
     for overrides in runs:
         cfg = load_config(BASE + overrides)
         dims = validate(cfg, world_size)
-        losses.append(build_trainer(cfg, dims, torch.device("cpu")).fit())
-    return losses
+        losses = build_trainer(cfg, dims, torch.device("cpu")).fit()
+        result = {"loss": losses}
+        if rank == 0:
+            records = [
+                json.loads(line) for line in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
+            ]
+            train_records = [r for r in records if r["kind"] == "train"]
+            result["logged_loss"] = [r["loss"] for r in train_records]
+            result["grad_norm"] = [r["grad_norm"] for r in train_records]
+            result["val_loss"] = [r["val_loss"] for r in records if r["kind"] == "eval"]
+        results.append(result)
+    return results
 
 
-def train(world_size: int, root: Path, cache: Path, runs: dict[str, list[str]]) -> dict[str, list[float]]:
-    args = [[f"run.dir={root}/{name}", f"data.cache_dir={cache}", *overrides] for name, overrides in runs.items()]
+def train(
+    world_size: int, root: Path, cache: Path, runs: dict[str, list[str]]
+) -> dict[str, dict[str, list[float]]]:
+    args = [
+        [f"run.dir={root}/w{world_size}_{name}", f"data.cache_dir={cache}", *overrides] for name, overrides in runs.items()
+    ]
     return dict(zip(runs, run_distributed(_train_all, world_size, args)[0], strict=True))
 
 
-def assert_parity(losses: list[float], expected: list[float]) -> None:
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=RTOL, atol=0)
+def assert_parity(run: dict[str, list[float]], expected: dict[str, list[float]], first_step: int = 0) -> None:
+    """Losses at every step (returned and logged), gradient norms and the final held-out loss."""
+    for key in ("loss", "logged_loss", "grad_norm", "val_loss"):
+        want = expected[key] if key == "val_loss" else expected[key][first_step:]
+        torch.testing.assert_close(torch.tensor(run[key]), torch.tensor(want), rtol=RTOL, atol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +122,9 @@ def pp2(root, cache, reference) -> dict[str, list[float]]:
 
 
 def test_reference_loss_falls(reference):
-    assert len(reference["tied"]) == STEPS
-    assert reference["tied"][-1] < reference["tied"][0] - 0.5
+    losses = reference["tied"]["loss"]
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.5
+    assert reference["tied"]["logged_loss"] == losses and len(reference["tied"]["val_loss"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -120,22 +141,38 @@ def test_pp2_matches_single_process(pp2, reference, run, expected):
 
 
 def test_pp1_checkpoint_resumes_at_pp2(pp2, reference):
-    assert_parity(pp2["resumed_from_pp1"], reference["tied"][5:])
+    assert_parity(pp2["resumed_from_pp1"], reference["tied"], first_step=5)
 
 
-def test_pp2_checkpoint_resumes_at_pp1(pp2, reference, root, cache):
+@pytest.fixture(scope="module")
+def resumed_at_pp1(pp2, root, cache) -> dict[str, list[float]]:
     shutil.rmtree(root / "ckpt_pp2" / "step_00000010")
-    resumed = train(1, root, cache, {"resumed_from_pp2": ckpt(root, "ckpt_pp2", "checkpoint.resume=auto")})
-    assert_parity(resumed["resumed_from_pp2"], reference["tied"][5:])
+    return train(1, root, cache, {"run": ckpt(root, "ckpt_pp2", "checkpoint.resume=auto")})["run"]
 
 
-def test_pp2_composes_with_fsdp_and_tp(reference, root, cache):
+@pytest.fixture(scope="module")
+def four_ranks(resumed_at_pp1, root, cache) -> dict[str, dict[str, list[float]]]:
+    """pp=2 with FSDP and with TP, and the pp=2 step-5 checkpoint resumed at pp=4 (one block per stage)."""
+    shutil.rmtree(root / "ckpt_pp2" / "step_00000010")
     runs = {
         "pp2_dp2": ["parallel.pp=2", "parallel.dp_shard=2"],
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
         "pp2_tp2_untied": ["parallel.pp=2", "parallel.tp=2", UNTIED],
+        "pp4_resumed_from_pp2": ["parallel.pp=4", *ckpt(root, "ckpt_pp2", "checkpoint.resume=auto")],
     }
-    losses = train(4, root, cache, runs)
-    assert_parity(losses["pp2_dp2"], reference["tied"])
-    assert_parity(losses["pp2_tp2"], reference["tied"])
-    assert_parity(losses["pp2_tp2_untied"], reference["untied"])
+    return train(4, root, cache, runs)
+
+
+def test_pp2_checkpoint_resumes_at_pp1(resumed_at_pp1, reference):
+    assert_parity(resumed_at_pp1, reference["tied"], first_step=5)
+
+
+def test_pp2_checkpoint_resumes_at_pp4(four_ranks, reference):
+    assert_parity(four_ranks["pp4_resumed_from_pp2"], reference["tied"], first_step=5)
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"), [("pp2_dp2", "tied"), ("pp2_tp2", "tied"), ("pp2_tp2_untied", "untied")]
+)
+def test_pp2_composes_with_fsdp_and_tp(four_ranks, reference, run, expected):
+    assert_parity(four_ranks[run], reference[expected])
