@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.torch_version import TorchVersion
 
 from treadle.models.spec import ModelSpec
 from treadle.parallel.config import ParallelConfig
@@ -57,6 +58,22 @@ SCHEDULES: dict[str, ScheduleRule] = {
     "ZBVZeroBubble": ScheduleRule(2, "v", ""),
     "DualPipeV": ScheduleRule(2, "v", "stages"),
 }
+
+
+# The zero-bubble and V-shaped schedules train to parity on gloo with torch 2.13 (tests/distributed/
+# test_pipeline.py); a first try with torch 2.11 on gloo failed, so CPU runs on an older torch are refused.
+GLOO_MIN_TORCH = {"InterleavedZeroBubble": "2.13", "ZBVZeroBubble": "2.13", "DualPipeV": "2.13"}
+
+
+def check_schedule_backend(schedule: str, gloo: bool) -> None:
+    """Refuse a schedule the installed torch is not known to run on gloo (raises ValueError)."""
+    need = GLOO_MIN_TORCH.get(schedule)
+    if gloo and need is not None and TorchVersion(torch.__version__) < need:
+        raise ValueError(
+            f"parallel.pp_schedule={schedule} is not known to run on gloo (CPU) with torch {torch.__version__} "
+            f"(it does from torch {need}); fix: parallel.pp_schedule=1F1B or Interleaved1F1B, run on GPUs "
+            f"(NCCL), or upgrade torch"
+        )
 
 
 def _installed_schedules() -> dict[str, type]:

@@ -27,7 +27,7 @@ from treadle.parallel.deepspeed_config import build_ds_config
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
-from treadle.parallel.pipeline import count_microbatches, num_blocks, plan_stages
+from treadle.parallel.pipeline import check_schedule_backend, count_microbatches, num_blocks, plan_stages
 from treadle.parallel.registry import engine_names, get_engine
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
@@ -242,9 +242,15 @@ def _validate_pipeline(cfg: TrainConfig, dims: ParallelDims) -> None:
     per_step = cfg.trainer.micro_batch_size * dims.dp_size
     if cfg.trainer.global_batch_size % per_step:
         return  # _validate_training names the batch sizes
+    gloo = cfg.parallel.backend == "gloo" or (
+        cfg.parallel.backend == "auto" and not _runs_on_cuda(cfg.run.device)
+    )
+    check_schedule_backend(cfg.parallel.pp_schedule, gloo)
     grad_accum = cfg.trainer.grad_accum(dims.dp_size)
     num_microbatches = count_microbatches(cfg.parallel, cfg.trainer.micro_batch_size, grad_accum)
-    plan_stages(cfg.parallel, dims.pp, num_blocks(get_model_spec(cfg.model.name), cfg.model), num_microbatches)
+    plan_stages(
+        cfg.parallel, dims.pp, num_blocks(get_model_spec(cfg.model.name), cfg.model), num_microbatches
+    )
 
 
 def _validate_deepspeed_overrides(cfg: TrainConfig, dims: ParallelDims) -> None:
