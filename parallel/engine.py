@@ -71,6 +71,9 @@ class EngineSetup:
     seed: int
     micro_batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    seq_len: int = (
+        0  # tokens per row; > 0 lets a pipeline build its schedule (and report its bubble) up front
+    )
 
 
 class Engine(Protocol):
@@ -168,6 +171,9 @@ class NativeEngine:
             part.init_weights(self.seed)
             if load_weights is not None:
                 load_weights(part)
+        if self.pipeline is not None and self.setup.seq_len > 0:
+            rows = self.setup.micro_batch_size * self.setup.grad_accum
+            self.pipeline.build_schedule(rows, self.setup.seq_len // self.dims.cp)
         # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
         self.has_frozen = any(not p.requires_grad for part in parts for p in part.parameters())
         self.model_parts, self.clip_grad_norm, self.post_step = (

@@ -115,7 +115,8 @@ class StageLayout:
         """Idle fraction of each rank's time with forward and backward of one micro-batch on one stage taken as
         equal: (pp−1)/(v·m + pp−1) for the 1F1B family with v stages per rank and m micro-batches (Narayanan
         et al. 2021 §2.2). Zero-bubble schedules split backward into input and weight gradients to fill
-        that idle time; their figure is counted from the schedule's own action table (`action_table_bubble`)."""
+        that idle time; their figure is the idle share of the schedule's own action table with every action (F, B,
+        I, W, or DualPipeV's overlapped F+B) as one time unit (`_action_table_bubble`), a lower bound."""
         v, m = self.stages_per_rank, self.num_microbatches
         return (self.pp - 1) / (v * m + self.pp - 1)
 
@@ -318,7 +319,8 @@ class Pipeline:
         final = torch.empty(rows, seq_len, hidden, **meta, requires_grad=True)
         return (tokens if index == 0 else stream), (final if self._is_last(index) else stream)
 
-    def _schedule(self, rows: int, seq_len: int) -> Any:
+    def build_schedule(self, rows: int, seq_len: int) -> Any:
+        """The schedule (and its stages) for steps of `rows` × `seq_len` tokens on this rank, built once."""
         key = (rows, seq_len)
         if key not in self._schedules:
             from torch.distributed.pipelining import PipelineStage
@@ -366,7 +368,7 @@ class Pipeline:
     ) -> torch.Tensor:
         """Forward and backward of the step's rows in `num_microbatches` micro-batches; returns the summed loss
         over `pp` (every rank), fp64."""
-        schedule = self._schedule(tokens.shape[0], tokens.shape[1])
+        schedule = self.build_schedule(tokens.shape[0], tokens.shape[1])
         self._scale, self._losses = loss_scale, []
         schedule.step(tokens, target=labels, **kwargs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -440,7 +442,11 @@ class Pipeline:
         layout = self.layout
         bubble = layout.bubble_fraction()
         table = self._action_table_bubble()
-        figure = f"{bubble:.1%}" if table is None else f"{table:.1%} (from the schedule's action table)"
+        figure = (
+            f"{bubble:.1%}"
+            if table is None
+            else f"{table:.1%} (idle share of the action table, unit-time actions)"
+        )
         return (
             f"pipeline {layout.schedule}: {layout.num_stages} stages of {list(layout.layers_per_stage)} layers "
             f"over pp={layout.pp}, {layout.num_microbatches} micro-batches per step, bubble {figure}"

@@ -108,6 +108,7 @@ def engine_for(cfg: TrainConfig, dims: ParallelDims, device: torch.device) -> En
         seed=cfg.trainer.seed,
         micro_batch_size=cfg.trainer.micro_batch_size,
         grad_accum=cfg.trainer.grad_accum(dims.dp_size),
+        seq_len=cfg.data.seq_len,
     )
     return build_engine(setup)
 
@@ -174,7 +175,9 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         checkpointer.load(resume_from, trainer.app_state())
     # ZeRO-3 leaves each parameter empty outside forward/backward; ds_numel is its full size.
     # Under PP the parts are this rank's stages; the meta model, left whole by the split, counts every stage.
-    params = list(model.parameters()) if dims.pp > 1 else [p for part in model_parts for p in part.parameters()]
+    params = (
+        list(model.parameters()) if dims.pp > 1 else [p for part in model_parts for p in part.parameters()]
+    )
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
