@@ -169,12 +169,14 @@ def resumed_at_pp1(pp2, root, cache) -> dict[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def four_ranks(resumed_at_pp1, root, cache) -> dict[str, dict[str, list[float]]]:
-    """pp=2 with FSDP and with TP, and the pp=2 step-5 checkpoint resumed at pp=4 (one block per stage)."""
+    """pp=2 with FSDP, with TP and with CP, and the pp=2 step-5 checkpoint resumed at pp=4 (one block per
+    stage)."""
     shutil.rmtree(root / "ckpt_pp2" / "step_00000010")
     runs = {
         "pp2_dp2": ["parallel.pp=2", "parallel.dp_shard=2"],
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
         "pp2_tp2_untied": ["parallel.pp=2", "parallel.tp=2", UNTIED],
+        "pp2_cp2": ["parallel.pp=2", "parallel.cp=2"],
         "pp4_resumed_from_pp2": ["parallel.pp=4", *ckpt(root, "ckpt_pp2", "checkpoint.resume=auto")],
     }
     return train(4, root, cache, runs)
@@ -189,7 +191,8 @@ def test_pp2_checkpoint_resumes_at_pp4(four_ranks, reference):
 
 
 @pytest.mark.parametrize(
-    ("run", "expected"), [("pp2_dp2", "tied"), ("pp2_tp2", "tied"), ("pp2_tp2_untied", "untied")]
+    ("run", "expected"),
+    [("pp2_dp2", "tied"), ("pp2_tp2", "tied"), ("pp2_tp2_untied", "untied"), ("pp2_cp2", "tied")],
 )
-def test_pp2_composes_with_fsdp_and_tp(four_ranks, reference, run, expected):
+def test_pp2_composes_with_fsdp_tp_and_cp(four_ranks, reference, run, expected):
     assert_parity(four_ranks[run], reference[expected])
