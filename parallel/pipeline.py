@@ -121,20 +121,9 @@ class StageLayout:
         return (self.pp - 1) / (v * m + self.pp - 1)
 
 
-def plan_stages(cfg: ParallelConfig, pp: int, num_layers: int, num_microbatches: int) -> StageLayout:
-    """The stage layout `parallel.pp*` asks for; raises ValueError naming the key and the fix."""
-    installed = _installed_schedules()
-    if cfg.pp_schedule not in SCHEDULES:
-        raise ValueError(
-            f"parallel.pp_schedule={cfg.pp_schedule!r} is not a known pipeline schedule; fix: choose one of "
-            f"{list(SCHEDULES)}"
-        )
-    if cfg.pp_schedule not in installed:
-        raise ValueError(
-            f"parallel.pp_schedule={cfg.pp_schedule!r} is not in the installed torch {torch.__version__}; fix: "
-            f"choose one of {list(installed)} or upgrade torch"
-        )
-    rule = SCHEDULES[cfg.pp_schedule]
+def _layer_counts(cfg: ParallelConfig, pp: int, num_layers: int) -> tuple[tuple[int, ...], str]:
+    """Blocks per stage from `parallel.pp_split`, `pp_layers_per_stage` or `pp_virtual_stages` (the first set
+    wins), and the key that set them (for the caller's messages)."""
     if cfg.pp_split:
         layers = tuple(cfg.pp_split)
         key = f"parallel.pp_split={list(layers)}"
@@ -168,6 +157,24 @@ def plan_stages(cfg: ParallelConfig, pp: int, num_layers: int, num_microbatches:
             )
         per, extra = divmod(num_layers, num_stages)
         layers = tuple(per + (s < extra) for s in range(num_stages))
+    return layers, key
+
+
+def plan_stages(cfg: ParallelConfig, pp: int, num_layers: int, num_microbatches: int) -> StageLayout:
+    """The stage layout `parallel.pp*` asks for; raises ValueError naming the key and the fix."""
+    installed = _installed_schedules()
+    if cfg.pp_schedule not in SCHEDULES:
+        raise ValueError(
+            f"parallel.pp_schedule={cfg.pp_schedule!r} is not a known pipeline schedule; fix: choose one of "
+            f"{list(SCHEDULES)}"
+        )
+    if cfg.pp_schedule not in installed:
+        raise ValueError(
+            f"parallel.pp_schedule={cfg.pp_schedule!r} is not in the installed torch {torch.__version__}; fix: "
+            f"choose one of {list(installed)} or upgrade torch"
+        )
+    rule = SCHEDULES[cfg.pp_schedule]
+    layers, key = _layer_counts(cfg, pp, num_layers)
     stages_per_rank = len(layers) // pp
     if rule.stages_per_rank is not None and stages_per_rank != rule.stages_per_rank:
         raise ValueError(
