@@ -71,9 +71,8 @@ class EngineSetup:
     seed: int
     micro_batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step on each data-parallel rank
-    seq_len: int = (
-        0  # tokens per row; > 0 lets a pipeline build its schedule (and report its bubble) up front
-    )
+    # tokens per row; > 0 lets a pipeline build its schedule (and report its bubble) up front
+    seq_len: int = 0
 
 
 class Engine(Protocol):

@@ -238,6 +238,13 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
 def _validate_pipeline(cfg: TrainConfig, dims: ParallelDims) -> None:
     """The stage layout and micro-batch count `parallel.pp*` ask for (parallel/pipeline.py raises)."""
     if dims.pp == 1:
+        p = cfg.parallel
+        if p.pp_virtual_stages != 1 or p.pp_layers_per_stage or p.pp_split or p.pp_microbatches:
+            warnings.warn(
+                "parallel.pp_virtual_stages/pp_layers_per_stage/pp_split/pp_microbatches have no effect with "
+                "parallel.pp=1",
+                stacklevel=3,
+            )
         return
     per_step = cfg.trainer.micro_batch_size * dims.dp_size
     if cfg.trainer.global_batch_size % per_step:
