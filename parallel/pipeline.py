@@ -427,6 +427,7 @@ class Pipeline:
             return
         local = dict(zip(self.split.indices, self.split.modules, strict=True))
         copies = [local[i].get_parameter(fqn) for i in (0, self.layout.num_stages - 1) if i in local]
+        copies = [p for p in copies if p.requires_grad]  # a frozen base (LoRA) has nothing to sum
         grads = [_local(p.grad) for p in copies if p.grad is not None]
         if self._tied_group is None:  # both copies on this rank (V placement), or none
             if len(grads) == 2:
