@@ -10,7 +10,16 @@ from treadle.parallel.deepspeed_config import DeepSpeedConfig
 @dataclass(kw_only=True)
 class ParallelConfig:
     engine: str = "native"  # a name in the engine registry (parallel/engine.py: native | deepspeed)
-    pp: int = 1  # pipeline stages (not implemented yet beyond 1)
+    pp: int = 1  # pipeline-parallel degree: ranks the model's stages are spread over (parallel/pipeline.py)
+    # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV (torch's names)
+    pp_schedule: str = "1F1B"
+    # pipeline micro-batches per step on each data-parallel rank; 0 = one per trainer micro-batch (the step's
+    # trainer.micro_batch_size × grad-accumulation sequences are split into this many)
+    pp_microbatches: int = 0
+    pp_virtual_stages: int = 1  # stages per pp rank (2 for the V schedules, >= 2 to interleave)
+    pp_layers_per_stage: int = 0  # > 0: cut the blocks into stages of this many (overrides pp_virtual_stages)
+    # explicit layer count per stage (e.g. [7, 9, 9, 7] for lighter first and last stages); overrides the above
+    pp_split: list[int] = field(default_factory=list)
     dp_replicate: int = 1  # HSDP replicas (each replica is an FSDP group)
     dp_shard: int = -1  # FSDP shard degree; -1 = whatever the other degrees leave of the world
     cp: int = 1

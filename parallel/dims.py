@@ -31,8 +31,6 @@ FLAT = {
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),
 }
 EXPERT_AXES = ("pp", "dp_replicate", "efsdp", "ep")
-# Degrees accepted by the checks but whose parallelism is not built yet: anything above 1 is refused.
-NOT_YET = {"pp": "pipeline parallelism"}
 
 
 @dataclass
@@ -94,11 +92,6 @@ class ParallelDims:
                 f"{self.tp} = {non_expert} (experts are sharded over ranks of those axes); fix: choose an ep "
                 f"that divides {non_expert}"
             )
-        for axis, what in NOT_YET.items():
-            if getattr(self, axis) > 1:
-                raise ValueError(
-                    f"parallel.{axis}={getattr(self, axis)}: {what} is not implemented yet; fix: parallel.{axis}=1"
-                )
 
     @property
     def dp_size(self) -> int:

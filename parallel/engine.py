@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_state_dict,
-    set_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from treadle.experiments.tp_batch_overlap import apply_batch_overlap
@@ -34,6 +36,7 @@ from treadle.parallel.ep import apply_ep
 from treadle.parallel.fp8 import Float8Config, convert_to_float8, weight_scale_refresh
 from treadle.parallel.fsdp import apply_compile, apply_fsdp
 from treadle.parallel.loss import vocab_parallel_linear_cross_entropy
+from treadle.parallel.pipeline import OptimizerGroup, Pipeline, build_pipeline
 from treadle.parallel.tp import apply_tp, enable_async_tp, enable_comm_reordering
 
 
@@ -90,6 +93,8 @@ class EngineSetup:
     seed: int
     micro_batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    # tokens per row; > 0 lets a pipeline build its schedule (and report its bubble) up front
+    seq_len: int = 0
 
 
 class Engine(Protocol):
@@ -149,6 +154,8 @@ class NativeEngine:
         self.post_step: tuple[PostStepHook, ...] = ()
         self.clip_grad_norm = 0.0
         self.has_frozen = False
+        self.pipeline: Pipeline | None = None  # with parallel.pp > 1
+        self.part_optimizers: list[torch.optim.Optimizer] = []  # one per model part
         # Runs on the model whenever its weights change (torchao FP8 all-gather's scales; parallel/fp8.py).
         self.refresh_weight_state = weight_scale_refresh(setup.fp8)
 
@@ -160,8 +167,49 @@ class NativeEngine:
         optim_cfg: OptimConfig,
         load_weights: WeightLoader | None = None,
     ) -> list[nn.Module]:
-        """Apply plans to a meta-device model, materialise it on `device` (initialised, then `load_weights`),
-        and build its optimizer over the parameters that require gradients."""
+        """Split a meta-device model into this rank's pipeline stages (one part without PP), apply plans to each
+        part, materialise it on `device` (initialised, then `load_weights`), and build the optimizer over the
+        parameters that require gradients."""
+        parts = [model]
+        if self.dims.pp > 1:
+            self.pipeline = build_pipeline(
+                model,
+                spec,
+                model_cfg,
+                cfg=self.cfg,
+                dims=self.dims,
+                device=self.device,
+                micro_batch_size=self.setup.micro_batch_size,
+                grad_accum=self.setup.grad_accum,
+                loss=self.loss,
+            )
+            parts = self.pipeline.modules
+        cpu_offload = self.memory_cfg.param_offload == "cpu"
+        for part in parts:
+            self._parallelize(part, spec, cpu_offload=cpu_offload)
+            # Every part draws its parameters from the per-name streams of `models.init`, so a stage holds the
+            # values the whole model would (a tied copy on the last stage equals the first stage's weight).
+            part.init_weights(self.seed)
+            if load_weights is not None:
+                load_weights(part)
+        if self.pipeline is not None and self.setup.seq_len > 0:
+            rows = self.setup.micro_batch_size * self.setup.grad_accum
+            self.pipeline.build_schedule(rows, self.setup.seq_len // self.dims.cp)
+        # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
+        self.has_frozen = any(not p.requires_grad for part in parts for p in part.parameters())
+        self.model_parts, self.clip_grad_norm, self.post_step = (
+            parts,
+            optim_cfg.clip_grad_norm,
+            spec.post_step,
+        )
+        optim_device = torch.device("cpu") if cpu_offload else self.device
+        optimizers = [build_optimizer(p, optim_cfg, optim_device, host_offload=cpu_offload) for p in parts]
+        self.part_optimizers = optimizers
+        self.optimizer = optimizers[0] if len(optimizers) == 1 else OptimizerGroup(optimizers)
+        return self.model_parts
+
+    def _parallelize(self, model: nn.Module, spec: ModelSpec, *, cpu_offload: bool) -> None:
+        """Plans in the fixed order on one model part (still on the meta device), then `to_empty`."""
         convert_to_float8(model, self.setup.fp8, self.device)
         if self.dims.tp > 1:
             apply_tp(model, self.dims.mesh("tp"), spec.tp_plan, sequence_parallel=self.cfg.sequence_parallel)
@@ -186,11 +234,13 @@ class NativeEngine:
             )
             apply_compile(model, fullgraph=one_graph)
         self.activation_hooks = apply_activation_memory(model, self.memory_cfg, self.device)
-        cpu_offload = self.memory_cfg.param_offload == "cpu"
+        # Under PP a stage's parameters are kept gathered from a micro-batch's forward to its backward (torchtitan's
+        # choice too): resharding would all-gather every block again for each of the step's micro-batches.
+        fsdp_cfg = replace(self.cfg, reshard_after_forward=False) if self.dims.pp > 1 else self.cfg
         apply_fsdp(
             model,
             self.dims.fsdp_mesh(),
-            self.cfg,
+            fsdp_cfg,
             self.device,
             cpu_offload=cpu_offload,
             expert_units=expert_units,
@@ -204,19 +254,6 @@ class NativeEngine:
             for module in model.modules():
                 for name, buf in module.named_buffers(recurse=False):
                     module._buffers[name] = buf.to(self.device)
-        model.init_weights(self.seed)
-        if load_weights is not None:
-            load_weights(model)
-        # With frozen parameters (adapters), checkpoints hold only what trains; the base comes from its source.
-        self.has_frozen = any(not p.requires_grad for p in model.parameters())
-        self.model_parts, self.clip_grad_norm, self.post_step = (
-            [model],
-            optim_cfg.clip_grad_norm,
-            spec.post_step,
-        )
-        optim_device = torch.device("cpu") if cpu_offload else self.device
-        self.optimizer = build_optimizer(model, optim_cfg, optim_device, host_offload=cpu_offload)
-        return self.model_parts
 
     def forward_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and loss of one micro-batch (this rank's context-parallel slice of it): summed loss and
@@ -243,6 +280,8 @@ class NativeEngine:
         copy only applies when nothing is accumulated yet). So under offload the earlier micro-batches keep
         their gradients unsharded on the GPU (accumulated in fp32: 4 bytes per parameter until the step) and
         only the last one reduces them and moves them to the host, once per step."""
+        if self.pipeline is not None:
+            return self._pipeline_step(batches, loss_scale)
         (part,) = self.model_parts
         part.train()
         defer_sync = self.memory_cfg.param_offload == "cpu" and len(batches) > 1
@@ -255,9 +294,38 @@ class NativeEngine:
             loss_sum += micro_loss.detach().double()
         return loss_sum
 
+    def _pipeline_inputs(
+        self, batches: list[MicroBatch]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's micro-batches as one batch of rows (the schedule cuts its own micro-batches), this CP
+        rank's slice of it, and the keyword inputs every stage takes."""
+        cat = [torch.cat(ts) if ts[0] is not None else None for ts in zip(*((b.tokens, b.labels, b.positions,
+               b.doc_ids) for b in batches), strict=True)]  # fmt: skip
+        tokens, labels, positions, doc_ids = cat
+        if self.dims.cp > 1:
+            tokens, labels, positions, doc_ids = shard_sequences(
+                self.dims.mesh("cp"), tokens, labels, positions, doc_ids
+            )
+        kwargs = {k: v for k, v in (("positions_BS", positions), ("doc_ids_BS", doc_ids)) if v is not None}
+        assert tokens is not None and labels is not None
+        return tokens, labels, kwargs
+
+    def _pipeline_step(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
+        """The pipeline schedule over the step's rows; the loss summed over `pp`; tied copies' gradients summed."""
+        assert self.pipeline is not None
+        for part in self.model_parts:
+            part.train()
+        tokens, labels, kwargs = self._pipeline_inputs(batches)
+        loss_sum = self.pipeline.step(tokens, labels, kwargs, loss_scale)
+        self.pipeline.sync_tied_grads()
+        return loss_sum
+
     @torch.no_grad()
     def eval_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model_parts[0].eval()
+        for part in self.model_parts:
+            part.eval()
+        if self.pipeline is not None:
+            return self.pipeline.forward(*self._pipeline_inputs([batch]))
         return self.forward_loss(batch)
 
     def step(self) -> StepStats:
@@ -268,7 +336,14 @@ class NativeEngine:
         """
         assert self.model_parts and self.optimizer is not None
         params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
-        grad_norm = clip_grad_norm_(params, self.clip_grad_norm).item()
+        if self.pipeline is None:
+            grad_norm = clip_grad_norm_(params, self.clip_grad_norm).item()
+        else:  # each stage holds different parameters: their squared norms add up over `pp`
+            stage_group = self.dims.mesh("pp").get_group()
+            shared = self.pipeline.norm_shared()
+            grad_norm = clip_grad_norm_(
+                params, self.clip_grad_norm, stage_group=stage_group, shared=shared
+            ).item()
         skipped = not math.isfinite(grad_norm)
         metrics = {}
         if not skipped:
@@ -281,20 +356,35 @@ class NativeEngine:
         return StepStats(grad_norm=grad_norm, skipped=skipped, metrics=metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it."""
-        options = StateDictOptions(ignore_frozen_params=self.has_frozen)
-        model_sd, optim_sd = get_state_dict(self.model_parts[0], self.optimizer, options=options)
+        """Sharded (DTensor) model and optimizer state keyed by parameter name, as DCP reshards it. The
+        optimizer's is flattened to one entry per parameter and state (`state.<fqn>.exp_avg`,
+        `param_groups.<fqn>.lr`), so the entries of several pipeline stages merge, and a checkpoint of one
+        pipeline layout loads into another."""
+        model_sd: dict[str, Any] = {}
+        optim_sd: dict[str, Any] = {}
+        for part, optimizer in zip(self.model_parts, self.part_optimizers, strict=True):
+            model_sd.update(get_model_state_dict(part, options=self._state_options()))
+            optim_sd.update(get_optimizer_state_dict(part, optimizer, options=self._state_options()))
         return {"model": model_sd, "optim": optim_sd}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        (model,) = self.model_parts
-        set_state_dict(
-            model,
-            self.optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optim"],
-            options=StateDictOptions(strict=not self.has_frozen, ignore_frozen_params=self.has_frozen),
+    def _state_options(self, *, strict: bool = True) -> StateDictOptions:
+        return StateDictOptions(
+            strict=strict, ignore_frozen_params=self.has_frozen, flatten_optimizer_state_dict=True
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, optimizer in zip(self.model_parts, self.part_optimizers, strict=True):
+            own = get_model_state_dict(part, options=self._state_options())
+            set_model_state_dict(
+                part,
+                {k: v for k, v in state_dict["model"].items() if k in own},
+                options=self._state_options(strict=not self.has_frozen),
+            )
+            set_optimizer_state_dict(part, optimizer, state_dict["optim"], options=self._state_options())
+        for model in self.model_parts:
+            self._check_loaded(model, state_dict)
+
+    def _check_loaded(self, model: nn.Module, state_dict: dict[str, Any]) -> None:
         if self.refresh_weight_state is not None:
             self.refresh_weight_state(model)
         if self.has_frozen:

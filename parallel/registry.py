@@ -45,6 +45,11 @@ def build_engine(setup: EngineSetup) -> Engine:
 
 
 def _validate_deepspeed(cfg: ParallelConfig, dims: ParallelDims) -> None:
+    if dims.pp > 1:
+        raise ValueError(
+            f"parallel.pp={dims.pp}: pipeline parallelism is a native-engine plan (torch.distributed.pipelining); "
+            "fix: parallel.engine=native, or parallel.pp=1 with parallel.engine=deepspeed"
+        )
     validate_deepspeed(cfg.deepspeed, tp=dims.tp, cp=dims.cp, dp_replicate=dims.dp_replicate)
 
 

@@ -108,6 +108,7 @@ def engine_for(cfg: TrainConfig, dims: ParallelDims, device: torch.device) -> En
         seed=cfg.trainer.seed,
         micro_batch_size=cfg.trainer.micro_batch_size,
         grad_accum=cfg.trainer.grad_accum(dims.dp_size),
+        seq_len=cfg.data.seq_len,
     )
     return build_engine(setup)
 
@@ -173,12 +174,19 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     if resume_from is not None:
         checkpointer.load(resume_from, trainer.app_state())
     # ZeRO-3 leaves each parameter empty outside forward/backward; ds_numel is its full size.
-    params = [p for part in model_parts for p in part.parameters()]
+    # Under PP the parts are this rank's stages; the meta model, left whole by the split, counts every stage.
+    params = (
+        list(model.parameters()) if dims.pp > 1 else [p for part in model_parts for p in part.parameters()]
+    )
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
     source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     pipeline = f"pp {dims.pp} × " if dims.pp > 1 else ""
+    # The schedule's bubble (parallel/pipeline.py) belongs to this start-up summary of the layout.
+    schedule = getattr(engine, "pipeline", None)
+    if schedule is not None:
+        trainer.metric_logger.message(schedule.describe())
     trainer.metric_logger.message(
         f"model {cfg.model.name}{source}: {num_params / 1e6:.2f}M parameters{trainable}, "
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "

@@ -27,6 +27,7 @@ from treadle.parallel.deepspeed_config import build_ds_config
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.fp8 import Float8Config
 from treadle.parallel.fsdp import dtype_name, resolve_dtype
+from treadle.parallel.pipeline import check_schedule_backend, count_microbatches, num_blocks, plan_stages
 from treadle.parallel.registry import engine_names, get_engine
 from treadle.train.checkpoint import CheckpointConfig
 from treadle.train.data import DataConfig, validate_data_config
@@ -123,6 +124,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     spec.validate(cfg.model, dims, seq_len=cfg.data.seq_len, cp_variant=cfg.parallel.cp_variant)
     _validate_parallel(cfg, dims)
+    _validate_pipeline(cfg, dims)
     _validate_memory(cfg, dims)
     _validate_training(cfg, dims)
     _validate_run_dirs(cfg)
@@ -230,6 +232,31 @@ def _validate_parallel(cfg: TrainConfig, dims: ParallelDims) -> None:
         dims.tp == 1 or not cfg.parallel.sequence_parallel or cfg.data.seq_len % dims.tp == 0,
         f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={dims.tp} with sequence parallelism; "
         f"fix: change data.seq_len or set parallel.sequence_parallel=false",
+    )
+
+
+def _validate_pipeline(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """The stage layout and micro-batch count `parallel.pp*` ask for (parallel/pipeline.py raises)."""
+    if dims.pp == 1:
+        p = cfg.parallel
+        if p.pp_virtual_stages != 1 or p.pp_layers_per_stage or p.pp_split or p.pp_microbatches:
+            warnings.warn(
+                "parallel.pp_virtual_stages/pp_layers_per_stage/pp_split/pp_microbatches have no effect with "
+                "parallel.pp=1",
+                stacklevel=3,
+            )
+        return
+    per_step = cfg.trainer.micro_batch_size * dims.dp_size
+    if cfg.trainer.global_batch_size % per_step:
+        return  # _validate_training names the batch sizes
+    gloo = cfg.parallel.backend == "gloo" or (
+        cfg.parallel.backend == "auto" and not _runs_on_cuda(cfg.run.device)
+    )
+    check_schedule_backend(cfg.parallel.pp_schedule, gloo)
+    grad_accum = cfg.trainer.grad_accum(dims.dp_size)
+    num_microbatches = count_microbatches(cfg.parallel, cfg.trainer.micro_batch_size, grad_accum)
+    plan_stages(
+        cfg.parallel, dims.pp, num_blocks(get_model_spec(cfg.model.name), cfg.model), num_microbatches
     )
 
 

@@ -204,17 +204,23 @@ class Llama(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.ops = build_ops(kernels or KernelsConfig())
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # The embedding, the final norm and the output layer are None on the pipeline stages that lack them.
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         make_block = block or (lambda cfg, ops, _: TransformerBlock(cfg, ops))
         # A ModuleDict keyed by layer index keeps parameter names stable when plans wrap or replace blocks.
         self.layers = nn.ModuleDict({str(i): make_block(cfg, self.ops, i) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        )
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        assert self.embed_tokens is not None, "the output weight is asked of a stage without it"
+        return self.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -251,19 +257,30 @@ class Llama(nn.Module):
         positions_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final hidden states [B, S, E] (after the final norm)."""
+        """The final hidden states [B, S, E] (after the final norm).
+
+        As a pipeline stage (parallel/pipeline.py removes the modules a stage lacks) it passes through what it
+        does not hold: a stage given hidden states [B, S, E] (floating point) rather than token ids does not
+        embed them, even where it keeps the embedding as the tied output weight; a stage without the final norm
+        returns its last block's output."""
         if positions_BS is None:
-            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
-        h_BSE = self.embed_tokens(tokens_BS)
+            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand(
+                tokens_BS.shape[:2]
+            )
+        if tokens_BS.is_floating_point():
+            h_BSE = tokens_BS
+        else:
+            assert self.embed_tokens is not None, "a stage without the embedding was given token ids"
+            h_BSE = self.embed_tokens(tokens_BS)
         cos_BSD, sin_BSD = self.rope_tables(positions_BS)
         cos_BSD, sin_BSD = cos_BSD.to(h_BSE.dtype), sin_BSD.to(h_BSE.dtype)
         for block in self.layers.values():
             h_BSE = block(h_BSE, cos_BSD, sin_BSD, doc_ids_BS)
-        return self.norm(h_BSE)
+        return h_BSE if self.norm is None else self.norm(h_BSE)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
-        if exclude_embedding:
+        if exclude_embedding and self.embed_tokens is not None:
             total -= self.embed_tokens.weight.numel()
         return total
 

@@ -91,7 +91,8 @@ def validate_shapes(cfg: ModelConfig, dims: Dims, *, seq_len: int, cp_variant: s
 def pipeline_split(cfg: ModelConfig, num_stages: int) -> list[list[str]]:
     """Per stage, the modules it keeps: consecutive layers as even as they go (the earlier stages take the
     remainder), the embedding on the first stage, the final norm and the output layer on the last. A stage's
-    forward passes through what it lacks (parallel/pipeline.py, once pipeline parallelism lands)."""
+    forward passes through what it lacks (parallel/pipeline.py; with tied embeddings it adds the embedding to the
+    last stage as the output weight)."""
     if not 1 <= num_stages <= cfg.num_layers:
         raise ValueError(
             f"parallel.pp={num_stages} must be between 1 and model.num_layers={cfg.num_layers}; fix: choose a "

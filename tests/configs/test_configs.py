@@ -82,7 +82,13 @@ def test_the_finetuning_recipes_exist():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_validates_and_builds_on_meta(recipe, tmp_path):
     cfg = load_config([f"+config={recipe}", *finetune_overrides(recipe, tmp_path)])
-    world = cfg.parallel.dp_replicate * max(cfg.parallel.dp_shard, 1) * cfg.parallel.cp * cfg.parallel.tp
+    world = (
+        cfg.parallel.pp
+        * cfg.parallel.dp_replicate
+        * max(cfg.parallel.dp_shard, 1)
+        * cfg.parallel.cp
+        * cfg.parallel.tp
+    )
     validate(cfg, world_size=world * 8 if recipe.startswith("pretrain") else world)
     spec = get_model_spec(cfg.model.name)
     with torch.device("meta"):
@@ -97,12 +103,47 @@ def test_recipe_composes_validates_and_builds_on_meta(recipe, tmp_path):
 
 
 def test_recipe_parameter_counts_match_the_llama_family():
-    expected = {"pretrain/llama3_1b": 1.236e9, "pretrain/llama3_8b": 8.03e9, "pretrain/llama3_70b": 70.55e9}
+    expected = {
+        "pretrain/llama3_1b": 1.236e9,
+        "pretrain/llama3_8b": 8.03e9,
+        "pretrain/llama3_70b": 70.55e9,
+        "pretrain/llama3_405b": 405.85e9,
+    }
     for recipe, count in expected.items():
         cfg = load_config([f"+config={recipe}"])
         with torch.device("meta"):
             model = get_model_spec(cfg.model.name).build(cfg.model, cfg.kernels)
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=0.01), recipe
+
+
+@pytest.mark.parametrize(
+    ("recipe", "pp", "stages"), [("pretrain/llama3_70b_pp", 4, 8), ("pretrain/llama3_405b", 8, 16)]
+)
+def test_pipeline_recipes_split_into_stages_on_meta(recipe, pp, stages):
+    """The PP recipes' layouts (multi-node: `world` is 2 model copies), split on the meta device: every stage
+    rank's parts together hold each parameter of the model exactly once, under the model's own names."""
+    from treadle.parallel.pipeline import count_microbatches, plan_stages, split_model
+
+    cfg = load_config([f"+config={recipe}"])
+    world = 2 * pp * cfg.parallel.tp
+    dims = validate(cfg, world_size=world)
+    spec = get_model_spec(cfg.model.name)
+    with torch.device("meta"):
+        model = spec.build(cfg.model, cfg.kernels)
+    grad_accum = cfg.trainer.grad_accum(dims.dp_size)
+    layout = plan_stages(
+        cfg.parallel, pp, cfg.model.num_layers, count_microbatches(cfg.parallel, 1, grad_accum)
+    )
+    assert (dims.pp, layout.num_stages, layout.stages_per_rank) == (pp, stages, 2)
+    whole = {n: p.shape for n, p in model.named_parameters()}
+    seen: dict[str, torch.Size] = {}
+    for rank in range(pp):
+        for part in split_model(model, spec, cfg.model, layout, rank).modules:
+            names = {n: p.shape for n, p in part.named_parameters()}
+            assert not names.keys() & seen.keys()
+            seen.update(names)
+    assert seen == whole
+    assert layout.bubble_fraction() < 0.05
 
 
 def test_command_line_overrides_win_over_the_recipe():

@@ -210,6 +210,9 @@ def test_parallel_degrees_are_checked_against_the_experts():
     dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, ep=8, world_size=8)
     with pytest.raises(ValueError, match="parallel.ep=8 must divide model.num_experts=4"):
         spec.validate(_cfg(), dims, seq_len=16, cp_variant="ring")
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=2, world_size=2)
+    with pytest.raises(ValueError, match="parallel.pp=2: pipeline stages of model.name=moe"):
+        spec.validate(_cfg(), dims, seq_len=16, cp_variant="ring")
 
 
 def test_grouped_gemm_alignment_is_checked_at_build():

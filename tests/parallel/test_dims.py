@@ -34,10 +34,9 @@ def test_expert_degree_must_divide_the_non_expert_ranks():
         ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, ep=3, world_size=4)
 
 
-@pytest.mark.parametrize(("axis", "what"), [("pp", "pipeline")])
-def test_pipeline_degree_is_not_built_yet(axis, what):
-    with pytest.raises(ValueError, match=f"parallel.{axis}=2: {what} parallelism is not implemented yet"):
-        ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=4, **{axis: 2})
+def test_pipeline_degree_takes_its_share_of_the_world():
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=2, world_size=4)
+    assert (dims.pp, dims.dp_shard, dims.dp_size) == (2, 2, 2)
 
 
 def test_pipeline_degree_counts_in_the_world():
