@@ -51,7 +51,9 @@ class _AllToAllRows(torch.autograd.Function):
 
 def _all_to_all(x: torch.Tensor, recv_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
     """The functional collective (an op selective activation checkpointing can keep instead of repeating)."""
-    out = torch.ops._c10d_functional.all_to_all_single(x.contiguous(), recv_splits, send_splits, group.group_name)
+    out = torch.ops._c10d_functional.all_to_all_single(
+        x.contiguous(), recv_splits, send_splits, group.group_name
+    )
     return torch.ops._c10d_functional.wait_tensor(out)
 
 

@@ -116,6 +116,20 @@ def test_recipe_parameter_counts_match_the_llama_family():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=0.01), recipe
 
 
+def test_moe_recipe_parameter_counts():
+    """Total parameters: Qwen3-30B-A3B's published 30.5B; the one-GPU MoE's 4.5B (the issue's shape)."""
+    expected = {
+        "pretrain/moe_1gpu": 4.474e9,
+        "pretrain/qwen3_moe_30b_a3b": 30.53e9,
+        "pretrain/deepseek_v3_16b": 15.79e9,
+    }
+    for recipe, count in expected.items():
+        cfg = load_config([f"+config={recipe}"])
+        with torch.device("meta"):
+            model = get_model_spec(cfg.model.name).build(cfg.model, cfg.kernels)
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(count, rel=0.005), recipe
+
+
 @pytest.mark.parametrize(
     ("recipe", "pp", "stages"), [("pretrain/llama3_70b_pp", 4, 8), ("pretrain/llama3_405b", 8, 16)]
 )
