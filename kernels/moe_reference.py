@@ -20,30 +20,23 @@ from collections.abc import Callable
 import torch
 
 
-class _GroupedMM(torch.autograd.Function):
-    """y_MO = x_MI @ w_LIO per group of rows (`offsets_L`, cumulative row counts), with a backward of two more
-    grouped GEMMs: dx = dy @ wᵀ per group, dw_l = x_lᵀ @ dy_l. Written out because the built-in backward fails
-    on gradients with zero strides (an expanded `sum()` gradient); they are made contiguous first."""
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: `torch._grouped_mm`'s built-in backward
+    fails on gradients with zero strides (an expanded `sum()` gradient), so its output passes through this."""
 
     @staticmethod
-    def forward(ctx, x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_MI, w_LIO, offsets_L)
-        return torch._grouped_mm(x_MI, w_LIO, offs=offsets_L)
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad_MO: torch.Tensor):  # type: ignore[override]
-        x_MI, w_LIO, offsets_L = ctx.saved_tensors
-        grad_MO = grad_MO.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_MO, w_LIO.transpose(-2, -1), offs=offsets_L)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch._grouped_mm(x_MI.t(), grad_MO, offs=offsets_L).to(w_LIO.dtype)
-        return grad_x, grad_w, None
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
 
 
 def grouped_mm(x_MI: torch.Tensor, w_LIO: torch.Tensor, offsets_L: torch.Tensor) -> torch.Tensor:
-    return _GroupedMM.apply(x_MI, w_LIO, offsets_L)
+    """y_MO = x_MI @ w_LIO per group of rows (`offsets_L`, cumulative row counts), with torch's own backward
+    (two more grouped GEMMs, dW written in the weight's layout)."""
+    return _ContiguousGrad.apply(torch._grouped_mm(x_MI, w_LIO, offs=offsets_L))
 
 
 def moe_experts_torch(

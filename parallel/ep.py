@@ -142,8 +142,9 @@ class TPTokenSplit:
 def apply_ep(
     model: nn.Module, dims: ParallelDims, plan: dict[str, str], *, sequence_parallel: bool
 ) -> list[nn.Module]:
-    """Wire `model`'s MoE layers (on the meta device) by `plan`; returns the expert modules, which FSDP wraps as
-    their own units (`fsdp.apply_fsdp(expert_units=...)`). Does nothing for a plan without entries."""
+    """Wire `model`'s MoE layers (on the meta device) by `plan`; returns the expert modules that FSDP wraps as
+    their own units over the experts' mesh (`fsdp.apply_fsdp(expert_units=...)`): none where that mesh is the
+    blocks' (ep = tp = 1). Does nothing for a plan without entries."""
     if not plan:
         return []
     modules = list(model.named_modules())
@@ -172,6 +173,10 @@ def apply_ep(
         if _matches(pattern, fqn)
     ]
     experts = [m for m in experts if any(True for _ in m.parameters(recurse=False))]
+    if dims.ep == 1 and dims.tp == 1:
+        # The experts' FSDP mesh (efsdp = dp_shard·cp) is then the block's own: they stay in the block's unit,
+        # which keeps the compiled block one graph (an FSDP unit's hooks inside it would break the graph).
+        return []
     if dims.ep > 1:
         ep_mesh = dims.mesh("ep")
         for module in experts:

@@ -135,6 +135,37 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
+class _SlotsToRows(torch.autograd.Function):
+    """rows_M = x[order_M // K]: each token's K slots, sorted by expert. Backward gathers the row gradients back
+    into slot order (`inverse_M`) and sums each token's K."""
+
+    @staticmethod
+    def forward(ctx, x_TE: torch.Tensor, order_M: torch.Tensor, inverse_M: torch.Tensor, top_k: int):  # type: ignore[override]
+        ctx.save_for_backward(inverse_M)
+        ctx.top_k = top_k
+        return x_TE.index_select(0, order_M // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_ME: torch.Tensor):  # type: ignore[override]
+        (inverse_M,) = ctx.saved_tensors
+        grad_TKE = grad_ME.index_select(0, inverse_M).view(-1, ctx.top_k, grad_ME.shape[-1])
+        return grad_TKE.sum(1), None, None, None
+
+
+class _RowsToSlots(torch.autograd.Function):
+    """slots = rows[inverse_M], a permutation, so its backward is the gather by `order_M`."""
+
+    @staticmethod
+    def forward(ctx, rows_ME: torch.Tensor, inverse_M: torch.Tensor, order_M: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(order_M)
+        return rows_ME.index_select(0, inverse_M)
+
+    @staticmethod
+    def backward(ctx, grad_ME: torch.Tensor):  # type: ignore[override]
+        (order_M,) = ctx.saved_tensors
+        return grad_ME.index_select(0, order_M), None, None
+
+
 class Dispatcher(Protocol):
     """Moves routed rows to the experts that compute them and the results back (rows stay in sorted order)."""
 
@@ -201,16 +232,36 @@ class MoE(nn.Module):
         return out_TE.view_as(x_BSE), aux
 
     def _routed(self, x_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        """Sort rows by expert, drop those over capacity, dispatch, weight by the router and sum per token."""
-        ids_M = ids_TK.flatten()
+        """Sort rows by expert (drop those over capacity), dispatch, weight by the router and sum per token.
+
+        Dropless, every (token, k) slot has one sorted row, so both directions are gathers through the sort
+        permutation and its inverse, in forward and backward alike (`_SlotsToRows`, `_RowsToSlots`): no
+        scatter-add, whose bf16 atomics cost as much as the expert GEMMs on an H200."""
+        ids_M = ids_TK.flatten()  # slot m = t·K + k
         order_M = ids_M.argsort(stable=True)
-        token_M = order_M // self.top_k
         counts_N = torch.bincount(ids_M, minlength=self.num_experts)
-        weights_M = weights_TK.flatten()[order_M]
         if self.capacity_factor is not None:
-            token_M, weights_M, counts_N = self._drop_over_capacity(
-                token_M, weights_M, counts_N, ids_M[order_M]
-            )
+            return self._routed_with_capacity(x_TE, weights_TK, ids_M, order_M, counts_N)
+        inverse_M = torch.empty_like(order_M).scatter_(
+            0, order_M, torch.arange(order_M.numel(), device=order_M.device)
+        )
+        rows_ME = self.dispatch(
+            _SlotsToRows.apply(x_TE, order_M, inverse_M, self.top_k), counts_N, self.experts
+        )
+        slots_TKE = _RowsToSlots.apply(rows_ME, inverse_M, order_M).view(*weights_TK.shape, -1)
+        return (slots_TKE * weights_TK.to(slots_TKE.dtype).unsqueeze(-1)).sum(1)
+
+    def _routed_with_capacity(
+        self,
+        x_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_M: torch.Tensor,
+        order_M: torch.Tensor,
+        counts_N: torch.Tensor,
+    ) -> torch.Tensor:
+        token_M = order_M // self.top_k
+        weights_M = weights_TK.flatten()[order_M]
+        token_M, weights_M, counts_N = self._drop_over_capacity(token_M, weights_M, counts_N, ids_M[order_M])
         rows_ME = self.dispatch(x_TE.index_select(0, token_M), counts_N, self.experts)
         rows_ME = rows_ME * weights_M.to(rows_ME.dtype)[:, None]
         return torch.zeros_like(x_TE).index_add_(0, token_M, rows_ME)
