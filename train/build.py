@@ -183,6 +183,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
     trainable = f" ({num_trainable / 1e6:.2f}M trainable)" if num_trainable != num_params else ""
     source = f" from {cfg.model.pretrained}" if cfg.model.pretrained else ""
     pipeline = f"pp {dims.pp} × " if dims.pp > 1 else ""
+    experts = f" (experts: efsdp {dims.efsdp} × ep {dims.ep})" if dims.ep > 1 else ""
     # The schedule's bubble (parallel/pipeline.py) belongs to this start-up summary of the layout.
     schedule = getattr(engine, "pipeline", None)
     if schedule is not None:
@@ -191,7 +192,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, device: torch.device) ->
         f"model {cfg.model.name}{source}: {num_params / 1e6:.2f}M parameters{trainable}, "
         f"{flops_per_token / 1e9:.3f} GFLOP/token; "
         f"world {dims.world_size} = {pipeline}dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × "
-        f"cp {dims.cp} × tp {dims.tp}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
+        f"cp {dims.cp} × tp {dims.tp}{experts}; grad accumulation {cfg.trainer.grad_accum(dims.dp_size)}; device {device}"
         + (f"; resumed from {checkpointer.loaded_from} at step {trainer.step}" if resume_from else "")
     )
     return trainer
