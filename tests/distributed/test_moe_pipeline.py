@@ -6,8 +6,9 @@ rank) equal one process's over 10 steps.
 The model has a dense first layer, a shared expert, the auxiliary loss (`AddAuxiliaryLoss` carries it from each
 stage's output) and the auxiliary-loss-free bias on, with MoE layers on both stages. Tolerance as in
 test_pipeline.py: fp32, only the order of sums differs. Routing is discrete and the bias moves by the sign of
-integer counts, so a bias update missing on a stage or a stage's auxiliary-loss gradient dropped (its weight 0)
-moves the losses by far more than 1e-4 within the 10 steps.
+integer counts. The coefficients are larger than a recipe's so that the auxiliary loss moves training: with its
+gradient dropped on the stages (weight 0) the losses differ by 1e-3 relative and the logged load by 15-30 %;
+without the bias update under PP, by 5e-4 and 20 %; a correct run is within 3e-7.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ BASE = [
     "model.ffn_dim=64",
     "model.num_experts=4",
     "model.moe_ffn_dim=16",
-    "model.aux_loss_coeff=0.01",
-    "model.z_loss_coeff=0.001",
+    "model.aux_loss_coeff=0.1",
+    "model.z_loss_coeff=0.01",
     "model.bias_update_rate=0.01",
     "data.seq_len=16",
     "trainer.micro_batch_size=2",
@@ -87,7 +88,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory) -> dict[str, list[float]]:
     result = train(1, tmp_path_factory.mktemp("ref"), cache)
-    assert len(result["loss"]) == STEPS and result["loss"][-1] < result["loss"][0] - 0.5
+    assert len(result["loss"]) == STEPS and result["loss"][-1] < result["loss"][0] - 0.25
     assert min(result["moe/aux_loss"]) > 0 and max(result["moe/max_load"]) > 1
     return result
 
