@@ -14,7 +14,10 @@ What a family's module (each model part) offers the generic code:
 - `output_weight`: the [V, E] output projection the loss multiplies by (the last part only);
 - optionally `weight_std(name)`: the init std of a weight by name, for bases created quantized (QLoRA);
 - optionally `pop_auxiliary_loss()`: after a training forward, an auxiliary loss (a per-token mean, e.g. MoE
-  load balancing) that the engine adds to the LM loss, weighted by the micro-batch's counted tokens;
+  load balancing) that the engine adds to the LM loss, weighted by the micro-batch's counted tokens; such a
+  model's `forward` then also takes `aux_loss_weight_B` (per row: counted tokens × the step's loss scale), which
+  the engine passes to every pipeline stage, so that each stage adds its share to the gradient itself (the
+  schedule only backpropagates from the last stage's loss);
 - optionally `compile_fullgraph`: False when a block cannot trace as one graph (MoE layers that read row counts
   on the host).
 
@@ -120,9 +123,9 @@ class ModelSpec:
     # Module names that `peft.target_modules` may not name, each with the reason given to the user (e.g. MoE
     # routed experts: stacked parameters, not linear layers).
     lora_refused: dict[str, str] = field(default_factory=dict)
-    # Run after each optimizer step (not after a skipped one); each may return metrics to log (device tensors,
-    # read only on logged steps), e.g. MoE expert load.
-    post_step: tuple[Callable[[list[nn.Module]], dict[str, Any] | None], ...] = ()
+    # (model parts, ParallelDims) -> metrics: run after each optimizer step (not after a skipped one) on every
+    # rank; each may return metrics to log (device tensors, read only on logged steps), e.g. MoE expert load.
+    post_step: tuple[Callable[[list[nn.Module], Any], dict[str, Any] | None], ...] = ()
 
     def linear_names(self) -> tuple[str, ...]:
         """Names (last FQN component) of the blocks' linear layers: the TP plan's column/row-parallel entries,

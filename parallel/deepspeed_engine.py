@@ -265,7 +265,7 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         applied = self.ds.was_step_applied()
-        metrics = run_post_step(self.post_step, self.model_parts) if applied else {}
+        metrics = run_post_step(self.post_step, self.model_parts, self.dims) if applied else {}
         return StepStats(grad_norm=grad_norm, skipped=not applied, metrics=metrics)
 
     # DCP holds only what identifies the DeepSpeed files; they are written and read by save/load_files.

@@ -24,7 +24,7 @@ from treadle.memory.activations import SavedActivationHooks, apply_activation_me
 from treadle.memory.checkpointing import MemoryConfig, apply_activation_checkpointing
 from treadle.models.init import canonical_name
 from treadle.models.loss import CausalLMLoss
-from treadle.models.ops import KernelsConfig, build_loss_op
+from treadle.models.ops import IGNORE_INDEX, KernelsConfig, build_loss_op
 from treadle.models.spec import ModelSpec
 from treadle.optim.builder import build_optimizer
 from treadle.optim.clip import clip_grad_norm_
@@ -57,13 +57,16 @@ class StepStats:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-PostStepHook = Callable[[list[nn.Module]], "dict[str, torch.Tensor] | None"]
+# (this rank's model parts, the topology) -> metrics; the topology lets a hook reduce over pipeline stages.
+PostStepHook = Callable[[list[nn.Module], ParallelDims], "dict[str, torch.Tensor] | None"]
 
 
-def run_post_step(hooks: tuple[PostStepHook, ...], model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+def run_post_step(
+    hooks: tuple[PostStepHook, ...], model_parts: list[nn.Module], dims: ParallelDims
+) -> dict[str, torch.Tensor]:
     metrics: dict[str, torch.Tensor] = {}
     for hook in hooks:
-        metrics.update(hook(model_parts) or {})
+        metrics.update(hook(model_parts, dims) or {})
     return metrics
 
 
@@ -74,6 +77,17 @@ def add_auxiliary_loss(part: nn.Module, loss_sum: torch.Tensor, count: torch.Ten
     pop = getattr(part, "pop_auxiliary_loss", None)
     aux = pop() if pop is not None else None
     return loss_sum if aux is None else loss_sum + aux.to(loss_sum.dtype) * count
+
+
+# Keyword input of a pipeline stage whose model has an auxiliary loss (`pop_auxiliary_loss`): per row, the weight
+# of that loss, i.e. its counted tokens times the step's loss scale (the gradient `add_auxiliary_loss` gives it
+# without PP; models/moe/model.py `AddAuxiliaryLoss`).
+AUX_LOSS_WEIGHT = "aux_loss_weight_B"
+
+
+def auxiliary_loss_weights(labels_BS: torch.Tensor, loss_scale: torch.Tensor) -> torch.Tensor:
+    """[B] fp64: each row's counted tokens (labels not IGNORE_INDEX) times `loss_scale`."""
+    return (labels_BS != IGNORE_INDEX).sum(dim=1, dtype=torch.float64) * loss_scale.double()
 
 
 # Fills a materialised model's parameters (e.g. from Hugging Face weights) after the default initialisation.
@@ -311,11 +325,14 @@ class NativeEngine:
         return tokens, labels, kwargs
 
     def _pipeline_step(self, batches: list[MicroBatch], loss_scale: torch.Tensor) -> torch.Tensor:
-        """The pipeline schedule over the step's rows; the loss summed over `pp`; tied copies' gradients summed."""
+        """The pipeline schedule over the step's rows; the loss summed over `pp`; tied copies' gradients summed.
+        A model with an auxiliary loss gets its per-row weights as a keyword input of every stage."""
         assert self.pipeline is not None
         for part in self.model_parts:
             part.train()
         tokens, labels, kwargs = self._pipeline_inputs(batches)
+        if hasattr(self.model_parts[0], "pop_auxiliary_loss"):
+            kwargs[AUX_LOSS_WEIGHT] = auxiliary_loss_weights(labels, loss_scale)
         loss_sum = self.pipeline.step(tokens, labels, kwargs, loss_scale)
         self.pipeline.sync_tied_grads()
         return loss_sum
@@ -351,7 +368,7 @@ class NativeEngine:
             if self.refresh_weight_state is not None:
                 for part in self.model_parts:
                     self.refresh_weight_state(part)
-            metrics = run_post_step(self.post_step, self.model_parts)
+            metrics = run_post_step(self.post_step, self.model_parts, self.dims)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=grad_norm, skipped=skipped, metrics=metrics)
 

@@ -158,6 +158,10 @@ def apply_ep(
             "split the replicated tokens over tp themselves; fix: parallel.sequence_parallel=false"
         )
     stage_size = dims.world_size // dims.pp
+    if dims.ep > 1 or stage_size > 1:
+        # The experts' meshes are created collectively (every rank, in the same order) on first use: here, even
+        # on a pipeline stage without a routed layer.
+        dims.mesh("experts_stage")
     for layer in routed:
         if dims.tp > 1:
             layer.token_split = TPTokenSplit(dims.mesh("tp").get_group())

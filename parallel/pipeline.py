@@ -17,6 +17,10 @@ embeddings the last stage holds a copy of the embedding as its output weight; af
 gradients are all-reduced (sum) over the pair of ranks holding the first and the last stage (or added on one
 rank under a V placement), so both copies take the same update. The loss and its token count are summed over
 `pp` (only the last stage has them) for logging; the gradient norm is summed (as squares) over `pp`.
+
+Keyword inputs of `step` (positions, document ids, a model's per-row auxiliary-loss weights) reach every stage,
+cut into micro-batches with the rows: a stage's auxiliary loss is weighted by its own micro-batch's rows and joins
+the gradient through the stage's output (models/moe/model.py `AddAuxiliaryLoss`).
 """
 
 from __future__ import annotations

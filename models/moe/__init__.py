@@ -9,6 +9,8 @@ hf.py      Hugging Face adapter (Qwen3-MoE, Mixtral: config.json fields, per-exp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +21,9 @@ from treadle.models.moe.model import MoEConfig, MoETransformer, flops_per_token
 from treadle.models.moe.plan import EP_PLAN, TP_PLAN, pipeline_split, validate
 from treadle.models.ops import KernelsConfig
 from treadle.models.spec import ModelSpec, register_model
+
+if TYPE_CHECKING:
+    from treadle.parallel.dims import ParallelDims
 
 
 def build(cfg: MoEConfig, kernels: KernelsConfig) -> MoETransformer:
@@ -31,16 +36,28 @@ def build(cfg: MoEConfig, kernels: KernelsConfig) -> MoETransformer:
     return MoETransformer(cfg, kernels)
 
 
-def post_step(model_parts: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Balance the experts for the next step and report this step's load (`update_expert_bias`)."""
+def post_step(model_parts: list[nn.Module], dims: ParallelDims | None = None) -> dict[str, torch.Tensor]:
+    """Balance the experts for the next step and report this step's load (`update_expert_bias`).
+
+    Under pipeline parallelism each rank moves the bias of the layers of its stages, and the reported
+    statistics are reduced over `pp` (every stage's layers, on every rank). The auxiliary-loss statistics of
+    this rank's stages add up: each stage counts its own layers' share of every micro-batch's forward."""
     layers = {
         canonical_name(name).split(".")[1]: m
         for part in model_parts
         for name, m in part.named_modules()
         if isinstance(m, MoE)
     }
-    aux = next((p.aux_loss_stats for p in model_parts if isinstance(p, MoETransformer)), None)
-    return update_expert_bias(layers, aux)
+    parts = [p for p in model_parts if isinstance(p, MoETransformer)]
+    if dims is None or dims.pp == 1:
+        return update_expert_bias(layers, parts[0].aux_loss_stats if parts else None)
+    cfg = parts[0].cfg
+    stats_P2 = torch.stack([p.aux_loss_stats for p in parts])
+    aux = torch.stack([stats_P2[:, 0].sum(), stats_P2[0, 1]])  # every stage runs each micro-batch once
+    for part in parts:
+        part.aux_loss_stats.zero_()
+    labels = [str(i) for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    return update_expert_bias(layers, aux, pp_group=dims.mesh("pp").get_group(), all_labels=labels, cfg=cfg)
 
 
 # Module names `peft.target_modules` may not name. (`all-linear` skips the router by itself: it adapts the blocks'

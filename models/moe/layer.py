@@ -295,7 +295,12 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def update_expert_bias(
-    layers: dict[str, MoE], aux_stats: torch.Tensor | None = None
+    layers: dict[str, MoE],
+    aux_stats: torch.Tensor | None = None,
+    *,
+    pp_group: object | None = None,
+    all_labels: list[str] | None = None,
+    cfg: RouterConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """After an optimizer step: sum the step's per-expert counts over the stage's ranks (one all-reduce for
     every layer, with `aux_stats` = [summed auxiliary loss, forwards] packed in), move each layer's bias by
@@ -303,21 +308,35 @@ def update_expert_bias(
     more), and return the step's statistics as device tensors: expert load relative to the balanced load
     (max over experts; per layer and the worst layer; 1.0 = balanced), the fraction of routed rows dropped over
     capacity, and the mean auxiliary loss. `layers` maps a label (the layer index) to each layer. Resets the
-    counts."""
-    if not layers:
+    counts.
+
+    Under pipeline parallelism every rank passes the layers of its own stages (which may be none), `pp_group`,
+    `all_labels` (the labels of every MoE layer of the model) and the model's `cfg`: the bias moves with the
+    counts of this stage's ranks, and the statistics are then summed over `pp` (one more all-reduce, every rank
+    takes part) into those of the whole model on every rank: each layer is held by one stage, and the model's
+    auxiliary loss per forward is the sum of its stages' shares."""
+    if not layers and pp_group is None:
         return {}
-    labels, layers = list(layers), list(layers.values())
-    counts_LN = torch.stack([layer.load_counts for layer in layers])
-    dropped_L = torch.stack([layer.dropped for layer in layers])
-    aux_2 = aux_stats.clone() if aux_stats is not None else counts_LN.new_zeros(2)
-    group = layers[0].load_group
-    if group is not None:
-        packed = torch.cat([counts_LN.flatten(), dropped_L, aux_2])
-        torch.distributed.all_reduce(packed, group=group)
-        counts_LN = packed[: counts_LN.numel()].view_as(counts_LN)
-        dropped_L, aux_2 = packed[counts_LN.numel() : -2], packed[-2:]
+    labels, moe = list(layers), list(layers.values())
+    if aux_stats is not None:
+        device = aux_stats.device
+    else:
+        assert moe, "pipeline statistics need the forwards' auxiliary-loss statistics or a layer"
+        device = moe[0].load_counts.device
+    aux_2 = aux_stats.clone() if aux_stats is not None else torch.zeros(2, device=device)
+    counts_LN = torch.zeros(0, 1, device=device)
+    dropped_L = torch.zeros(0, device=device)
+    if moe:
+        counts_LN = torch.stack([layer.load_counts for layer in moe])
+        dropped_L = torch.stack([layer.dropped for layer in moe])
+        group = moe[0].load_group
+        if group is not None:
+            packed = torch.cat([counts_LN.flatten(), dropped_L, aux_2])
+            torch.distributed.all_reduce(packed, group=group)
+            counts_LN = packed[: counts_LN.numel()].view_as(counts_LN)
+            dropped_L, aux_2 = packed[counts_LN.numel() : -2], packed[-2:]
     mean_L1 = counts_LN.mean(dim=1, keepdim=True)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(moe):
         rate = layer.bias_update_rate
         if rate > 0:
             layer.router.expert_bias.add_(rate * torch.sign(mean_L1[i] - counts_LN[i]))
@@ -326,10 +345,23 @@ def update_expert_bias(
     if aux_stats is not None:
         aux_stats.zero_()
     imbalance_L = counts_LN.max(dim=1).values / mean_L1.squeeze(1).clamp(min=1e-9)
+    # [dropped rows, routed rows, auxiliary loss per forward]
+    totals_3 = torch.stack([dropped_L.sum(), counts_LN.sum(), aux_2[0] / aux_2[1].clamp(min=1)])
+    if pp_group is not None:
+        assert all_labels is not None and set(labels) <= set(all_labels)
+        imbalance_A = torch.zeros(len(all_labels), device=device)
+        imbalance_A[[all_labels.index(label) for label in labels]] = imbalance_L
+        packed = torch.cat([imbalance_A, totals_3])
+        torch.distributed.all_reduce(packed, group=pp_group)
+        labels, imbalance_L, totals_3 = all_labels, packed[:-3], packed[-3:]
+    if not labels:
+        return {}
+    capacity = [cfg] if cfg is not None else moe
+    routers = [cfg] if cfg is not None else [layer.router for layer in moe]
     stats = {"moe/max_load": imbalance_L.max()}
-    if any(layer.capacity_factor is not None for layer in layers):
-        stats["moe/dropped_frac"] = dropped_L.sum() / counts_LN.sum().clamp(min=1)
-    if any(layer.router.aux_loss_coeff > 0 or layer.router.z_loss_coeff > 0 for layer in layers):
-        stats["moe/aux_loss"] = aux_2[0] / aux_2[1].clamp(min=1)
+    if any(c.capacity_factor is not None for c in capacity):
+        stats["moe/dropped_frac"] = totals_3[0] / totals_3[1].clamp(min=1)
+    if any(r.aux_loss_coeff > 0 or r.z_loss_coeff > 0 for r in routers):
+        stats["moe/aux_loss"] = totals_3[2]
     stats.update({f"moe/max_load_l{label}": imbalance_L[i] for i, label in enumerate(labels)})
     return stats

@@ -6,7 +6,9 @@ Shape legend: B batch, S sequence, E model dim, D head dim.
 
 Like the Llama module it holds no collective: parallel/ep.py swaps the layers' dispatcher for expert
 parallelism. A training forward leaves the summed auxiliary (balancing) loss of its MoE layers for the engine
-(`pop_auxiliary_loss`), which adds it to the language-model loss before backward.
+(`pop_auxiliary_loss`), which adds it to the language-model loss before backward; as a pipeline stage, whose
+output is all the schedule backpropagates through, it attaches its layers' auxiliary loss to that output instead
+(`AddAuxiliaryLoss`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,36 @@ class MoEBlock(nn.Module):
         return h_BSE + out_BSE, aux
 
 
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on the hidden states (a copy) whose backward also sends `weight` as the gradient of `aux`, the
+    stage's summed auxiliary loss (DeepSeek-V2/V3's `AddAuxiliaryLoss`): backpropagating from the last stage's
+    loss through a stage's output then differentiates `aux · weight` as if it were a term of the loss. No
+    communication.
+
+    Why the weight is `count · loss_scale`: without pipeline stages the engine differentiates
+    `(loss_sum + aux · count) · loss_scale` per micro-batch (`engine.add_auxiliary_loss`; `count` the micro-batch's
+    counted tokens on this rank, `loss_scale` the step's dp_cp size / global token count), so d/d aux is
+    `count · loss_scale`. Under PP the engine passes it per row (`aux_loss_weight_B`, this rank's counted tokens
+    of the row times the scale) as a keyword input; the schedule cuts keyword inputs into micro-batches with the
+    rows, so every stage sums its micro-batch's rows into that micro-batch's weight, whatever the schedule's
+    order. With one pipeline micro-batch per trainer micro-batch (`parallel.pp_microbatches=0`) the gradients are
+    those of the run without PP; with other micro-batches the auxiliary loss is taken per pipeline micro-batch.
+    """
+
+    @staticmethod
+    def forward(ctx, h_BSE: torch.Tensor, aux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.aux_dtype = aux.dtype
+        # A copy, not the input itself (which autograd would return as a view of it): the zero-bubble schedules
+        # detach stage outputs in place, which a view refuses. The input is not kept, so the copy is transient.
+        return h_BSE.clone()
+
+    @staticmethod
+    def backward(ctx, grad_BSE: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad_BSE, weight.to(ctx.aux_dtype), None
+
+
 class MoETransformer(Llama):
     """Decoder with MoE blocks; `forward` returns the final hidden states like `Llama`."""
 
@@ -170,12 +202,24 @@ class MoETransformer(Llama):
         *,
         positions_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
+        aux_loss_weight_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states [B, S, E]; in training the layers' summed auxiliary loss is kept for
-        `pop_auxiliary_loss`."""
+        `pop_auxiliary_loss`, or, given `aux_loss_weight_B` (a pipeline stage: each row's weight of the auxiliary
+        loss), attached to the output by `AddAuxiliaryLoss` with weight `aux_loss_weight_B.sum()`.
+
+        As a pipeline stage it passes through what it lacks, as `Llama.forward` does: hidden states [B, S, E]
+        (floating point) in place of token ids are not embedded, and without the final norm the last block's
+        output is returned."""
         if positions_BS is None:
-            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
-        h_BSE = self.embed_tokens(tokens_BS)
+            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand(
+                tokens_BS.shape[:2]
+            )
+        if tokens_BS.is_floating_point():
+            h_BSE = tokens_BS
+        else:
+            assert self.embed_tokens is not None, "a stage without the embedding was given token ids"
+            h_BSE = self.embed_tokens(tokens_BS)
         cos_BSD, sin_BSD = self.rope_tables(positions_BS)
         cos_BSD, sin_BSD = cos_BSD.to(h_BSE.dtype), sin_BSD.to(h_BSE.dtype)
         aux = torch.zeros((), dtype=torch.float32, device=h_BSE.device)
@@ -183,9 +227,12 @@ class MoETransformer(Llama):
             h_BSE, block_aux = block(h_BSE, cos_BSD, sin_BSD, doc_ids_BS)
             aux = aux + block_aux
         if self.training:
-            self._aux_loss = aux
             self.aux_loss_stats.add_(torch.stack([aux.detach(), torch.ones_like(aux)]))
-        return self.norm(h_BSE)
+            if aux_loss_weight_B is None:
+                self._aux_loss = aux
+            elif aux.requires_grad:
+                h_BSE = AddAuxiliaryLoss.apply(h_BSE, aux, aux_loss_weight_B.sum())
+        return h_BSE if self.norm is None else self.norm(h_BSE)
 
     def pop_auxiliary_loss(self) -> torch.Tensor | None:
         """The last training forward's auxiliary loss (a per-token mean, summed over MoE layers; 0 when no

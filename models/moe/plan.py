@@ -53,12 +53,6 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: MoEConfig, dims: Dims, *, seq_len: int, cp_variant: str) -> None:
     """The model's own fields, then its shapes against the degrees (raises ValueError naming keys and fix)."""
     cfg.validate()
-    _check(
-        dims.pp == 1,
-        f"parallel.pp={dims.pp}: pipeline stages of model.name={cfg.name} would drop the MoE auxiliary losses and "
-        "the load-balancing bias update, which pipeline parallelism does not carry yet; fix: parallel.pp=1 (shard "
-        "the experts with parallel.ep and the rest with FSDP)",
-    )
     validate_shapes(cfg, dims, seq_len=seq_len, cp_variant=cp_variant)
     _check(
         cfg.num_experts % dims.ep == 0,

@@ -98,7 +98,7 @@ class Toy(nn.Module):
 UPDATES: list[int] = []  # one entry per optimizer update, appended by the spec's post-step hook
 
 
-def _count_update(model_parts: list[nn.Module]) -> None:
+def _count_update(model_parts: list[nn.Module], dims) -> None:
     assert len(model_parts) == 1
     UPDATES.append(1)
 

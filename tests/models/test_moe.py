@@ -210,9 +210,53 @@ def test_parallel_degrees_are_checked_against_the_experts():
     dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, ep=8, world_size=8)
     with pytest.raises(ValueError, match="parallel.ep=8 must divide model.num_experts=4"):
         spec.validate(_cfg(), dims, seq_len=16, cp_variant="ring")
-    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=2, world_size=2)
-    with pytest.raises(ValueError, match="parallel.pp=2: pipeline stages of model.name=moe"):
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=2, ep=8, world_size=16)
+    with pytest.raises(ValueError, match="parallel.ep=8 must divide model.num_experts=4"):
         spec.validate(_cfg(), dims, seq_len=16, cp_variant="ring")
+    # Pipeline stages carry the auxiliary loss and the bias update, with and without expert parallelism.
+    for pp, ep, world_size in ((2, 1, 2), (2, 2, 4)):
+        dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=pp, ep=ep, world_size=world_size)
+        spec.validate(_cfg(), dims, seq_len=16, cp_variant="ring")
+
+
+def test_pipeline_stages_give_the_whole_models_gradients():
+    """Two stages (the first without the final norm and the output layer, the second without the embedding)
+    with the auxiliary loss attached to each stage's output by its weight, against the whole model whose
+    objective adds aux · count: every gradient, the routers' included, is the same."""
+    import copy
+
+    cfg = _cfg(num_layers=3, first_k_dense=1, aux_loss_coeff=0.1, z_loss_coeff=0.01, tie_embeddings=False)
+    model = get_model_spec("moe").build(cfg, KernelsConfig())
+    model.init_weights(0)
+    model.train()
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels[0, :5] = -100
+    scale = torch.tensor(1 / 27.0, dtype=torch.float64)
+
+    def lm_loss(part: MoETransformer, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ part.output_weight.t()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    first.norm = first.lm_head = second.embed_tokens = None
+    del first.layers["2"], second.layers["0"], second.layers["1"]
+    weights_B = (labels != -100).sum(1).double() * scale
+    hidden = first(tokens, aux_loss_weight_B=weights_B)
+    assert first.pop_auxiliary_loss() is None
+    (lm_loss(second, second(hidden, aux_loss_weight_B=weights_B)) * scale.float()).backward()
+    objective = lm_loss(model, model(tokens)) + model.pop_auxiliary_loss() * (labels != -100).sum()
+    (objective * scale.float()).backward()
+    stages = dict(first.named_parameters()) | dict(second.named_parameters())
+    assert set(stages) == {name for name, _ in model.named_parameters()}
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(stages[name].grad, param.grad, rtol=1e-5, atol=1e-8, msg=name)
+    assert model.layers["1"].mlp.router.gate.weight.grad.abs().sum() > 0
+    # Without the weight's gradient the routers' gradients differ (the comparison sees the auxiliary loss).
+    model.zero_grad()
+    (lm_loss(model, model(tokens)) * scale.float()).backward()
+    gate = "layers.1.mlp.router.gate.weight"
+    assert not torch.allclose(stages[gate].grad, model.get_parameter(gate).grad, rtol=1e-3)
 
 
 def test_grouped_gemm_alignment_is_checked_at_build():
