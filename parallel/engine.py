@@ -170,6 +170,9 @@ class NativeEngine:
         self.has_frozen = False
         self.pipeline: Pipeline | None = None  # with parallel.pp > 1
         self.part_optimizers: list[torch.optim.Optimizer] = []  # one per model part
+        # The next load reads the optimizer state by group index, as treadle wrote it before pipeline
+        # parallelism (`match_checkpoint`); saves always write the per-parameter layout.
+        self._load_grouped_optimizer_state = False
         # Runs on the model whenever its weights change (torchao FP8 all-gather's scales; parallel/fp8.py).
         self.refresh_weight_state = weight_scale_refresh(setup.fp8)
 
@@ -386,18 +389,36 @@ class NativeEngine:
 
     def _state_options(self, *, strict: bool = True) -> StateDictOptions:
         return StateDictOptions(
-            strict=strict, ignore_frozen_params=self.has_frozen, flatten_optimizer_state_dict=True
+            strict=strict,
+            ignore_frozen_params=self.has_frozen,
+            flatten_optimizer_state_dict=not self._load_grouped_optimizer_state,
         )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for part, optimizer in zip(self.model_parts, self.part_optimizers, strict=True):
-            own = get_model_state_dict(part, options=self._state_options())
-            set_model_state_dict(
-                part,
-                {k: v for k, v in state_dict["model"].items() if k in own},
-                options=self._state_options(strict=not self.has_frozen),
+    def match_checkpoint(self, saved_keys: set[str], prefix: str) -> None:
+        """Checkpoints written before pipeline parallelism hold the optimizer's param groups by index
+        (`optim.param_groups.0.lr`) rather than by parameter name: read those in that layout (one model part)."""
+        grouped = f"{prefix}.optim.param_groups.0."
+        self._load_grouped_optimizer_state = any(key.startswith(grouped) for key in saved_keys)
+        if self._load_grouped_optimizer_state and len(self.model_parts) > 1:
+            raise ValueError(
+                "the checkpoint was written by an earlier treadle (optimizer param groups by index), which "
+                f"loads into one model part only, not {len(self.model_parts)} pipeline stages; fix: resume it "
+                "once at parallel.pp=1 and save (its next checkpoint has the per-parameter layout), then resume "
+                "that one with pipeline parallelism"
             )
-            set_optimizer_state_dict(part, optimizer, state_dict["optim"], options=self._state_options())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            for part, optimizer in zip(self.model_parts, self.part_optimizers, strict=True):
+                own = get_model_state_dict(part, options=self._state_options())
+                set_model_state_dict(
+                    part,
+                    {k: v for k, v in state_dict["model"].items() if k in own},
+                    options=self._state_options(strict=not self.has_frozen),
+                )
+                set_optimizer_state_dict(part, optimizer, state_dict["optim"], options=self._state_options())
+        finally:
+            self._load_grouped_optimizer_state = False
         for model in self.model_parts:
             self._check_loaded(model, state_dict)
 

@@ -83,6 +83,14 @@ class WritesFiles(Protocol):
     def load_files(self, step_dir: Path) -> None: ...
 
 
+@runtime_checkable
+class MatchesCheckpoint(Protocol):
+    """A stateful whose `state_dict` layout depends on the checkpoint being loaded (one written by an earlier
+    version): `match_checkpoint` is given the checkpoint's DCP keys and its own key prefix before the load."""
+
+    def match_checkpoint(self, saved_keys: set[str], prefix: str) -> None: ...
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -354,6 +362,10 @@ class CheckpointManager:
                 f"adapters were trained on, or {fix.removeprefix('fix: ')}"
             )
         try:
+            saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+            for name, stateful in app_state.items():
+                if isinstance(stateful, MatchesCheckpoint):
+                    stateful.match_checkpoint(saved_keys, name)
             dcp.load(app_state, checkpoint_id=str(path))
             for stateful in app_state.values():
                 if isinstance(stateful, WritesFiles):
