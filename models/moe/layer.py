@@ -236,7 +236,7 @@ class MoE(nn.Module):
 
         Dropless, every (token, k) slot has one sorted row, so both directions are gathers through the sort
         permutation and its inverse, in forward and backward alike (`_SlotsToRows`, `_RowsToSlots`): no
-        scatter-add, whose bf16 atomics cost as much as the expert GEMMs on an H200."""
+        scatter-add, whose bf16 atomics took 4.5 ms of a 20 ms layer on an H200 (benchmarks/moe.py shape)."""
         ids_M = ids_TK.flatten()  # slot m = t·K + k
         order_M = ids_M.argsort(stable=True)
         counts_N = torch.bincount(ids_M, minlength=self.num_experts)
