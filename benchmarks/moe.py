@@ -43,6 +43,7 @@ from step import hf_step, run_treadle, summarize, time_peer
 
 from treadle.models import get_model_spec
 from treadle.models.hf import hf_config_from_model
+from treadle.models.moe import MoEConfig
 from treadle.models.moe.layer import MoE
 from treadle.models.ops import KernelsConfig, build_ops
 from treadle.train.config import load_config
@@ -109,19 +110,8 @@ def _time_fwd_bwd(fn, x: torch.Tensor, iters: int, warmup: int = 3) -> float:
 
 
 def _treadle_layer(args, compiled: bool):
-    cfg = SimpleNamespace(
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        router_scoring="softmax",
-        norm_topk_prob=True,
-        num_expert_groups=1,
-        topk_groups=1,
-        route_scale=1.0,
-        aux_loss_coeff=0.0,
-        z_loss_coeff=0.0,
-        bias_update_rate=0.0,
-        capacity_factor=None,
-    )
+    # The defaults are the Qwen3-MoE router: softmax, renormalised top-k, no balancing terms, dropless.
+    cfg = MoEConfig(num_experts=args.experts, num_experts_per_tok=args.top_k)
     layer = MoE(args.dim, cfg, args.width, None, build_ops(KernelsConfig(moe=args.moe_op))).cuda()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from treadle.models.moe.layer import inverse_permutation, permute_rows
 from treadle.parallel.dims import ParallelDims
 from treadle.parallel.tp import _matches
 
@@ -81,9 +82,11 @@ class AllToAllDispatch:
             output_size=sum(recv_splits),
         )
         order = expert_of_row.argsort(stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y_local = experts(x_recv.index_select(0, order), recv_RL.sum(0))
-        return _AllToAllRows.apply(y_local.index_select(0, inverse), send_splits, recv_splits, self.group)
+        inverse = inverse_permutation(order)
+        y_local = experts(permute_rows(x_recv, order, inverse), recv_RL.sum(0))
+        return _AllToAllRows.apply(
+            permute_rows(y_local, inverse, order), send_splits, recv_splits, self.group
+        )
 
 
 class _KeepShare(torch.autograd.Function):

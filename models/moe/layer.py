@@ -152,18 +152,27 @@ class _SlotsToRows(torch.autograd.Function):
         return grad_TKE.sum(1), None, None, None
 
 
-class _RowsToSlots(torch.autograd.Function):
-    """slots = rows[inverse_M], a permutation, so its backward is the gather by `order_M`."""
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm], for a permutation `perm`: its backward is the gather by `inverse` (no scatter-add)."""
 
     @staticmethod
-    def forward(ctx, rows_ME: torch.Tensor, inverse_M: torch.Tensor, order_M: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(order_M)
-        return rows_ME.index_select(0, inverse_M)
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx, grad_ME: torch.Tensor):  # type: ignore[override]
-        (order_M,) = ctx.saved_tensors
-        return grad_ME.index_select(0, order_M), None, None
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm] with `inverse` the inverse permutation (`inverse_permutation(perm)`), differentiable by gathers."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 class Dispatcher(Protocol):
@@ -235,20 +244,18 @@ class MoE(nn.Module):
         """Sort rows by expert (drop those over capacity), dispatch, weight by the router and sum per token.
 
         Dropless, every (token, k) slot has one sorted row, so both directions are gathers through the sort
-        permutation and its inverse, in forward and backward alike (`_SlotsToRows`, `_RowsToSlots`): no
+        permutation and its inverse, in forward and backward alike (`_SlotsToRows`, `permute_rows`): no
         scatter-add, whose bf16 atomics took 4.5 ms of a 20 ms layer on an H200 (benchmarks/moe.py shape)."""
         ids_M = ids_TK.flatten()  # slot m = t·K + k
         order_M = ids_M.argsort(stable=True)
         counts_N = torch.bincount(ids_M, minlength=self.num_experts)
         if self.capacity_factor is not None:
             return self._routed_with_capacity(x_TE, weights_TK, ids_M, order_M, counts_N)
-        inverse_M = torch.empty_like(order_M).scatter_(
-            0, order_M, torch.arange(order_M.numel(), device=order_M.device)
-        )
+        inverse_M = inverse_permutation(order_M)
         rows_ME = self.dispatch(
             _SlotsToRows.apply(x_TE, order_M, inverse_M, self.top_k), counts_N, self.experts
         )
-        slots_TKE = _RowsToSlots.apply(rows_ME, inverse_M, order_M).view(*weights_TK.shape, -1)
+        slots_TKE = permute_rows(rows_ME, inverse_M, order_M).view(*weights_TK.shape, -1)
         return (slots_TKE * weights_TK.to(slots_TKE.dtype).unsqueeze(-1)).sum(1)
 
     def _routed_with_capacity(
