@@ -1,4 +1,4 @@
-"""Expert parallelism on gloo: per-step losses of EP layouts equal one process's, every gradient (the expert
+"""Expert parallelism on gloo: per-step losses of EP layouts (ep=2, ep=4, ep=2 × tp=2) equal one process's, every gradient (the expert
 weights' included) at EP=2 and at EP=2 × TP=2 equals the single-process one, and an EP=2 checkpoint resumes at
 EP=1 and EP=4.
 
@@ -80,6 +80,8 @@ def reference(cache, tmp_path_factory) -> list[float]:
     ("world_size", "overrides"),
     [
         pytest.param(2, ["parallel.ep=2", "memory.activation_checkpoint=selective"], id="ep2_selective_ac"),
+        # One expert per rank, experts unsharded by FSDP (efsdp = dp_shard/ep = 1), the rest over dp_shard=4.
+        pytest.param(4, ["parallel.ep=4"], id="ep4"),
         # ep over the TP ranks, experts FSDP-sharded over efsdp = dp_shard·tp/ep = 2.
         pytest.param(
             4,
